@@ -55,7 +55,10 @@ impl std::fmt::Debug for Connect {
             .field("endpoints", &self.endpoints)
             .field("dial_timeout", &self.dial_timeout)
             .field("user", &self.user.as_ref().map(|(u, _)| u))
-            .field("tls", &(self.ca_pem.is_some() || self.identity_pem.is_some()))
+            .field(
+                "tls",
+                &(self.ca_pem.is_some() || self.identity_pem.is_some()),
+            )
             .finish()
     }
 }

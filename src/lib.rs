@@ -5,12 +5,17 @@
 
 mod connect;
 mod error;
+mod guard;
 mod keys;
+mod mutex;
 mod session;
+mod wait;
 
 pub use connect::{connect, Connect, DEFAULT_DIAL_TIMEOUT};
 pub use error::{BoxError, Error, Result};
+pub use guard::LockGuard;
 pub use keys::MAX_NAME_LEN;
+pub use mutex::Mutex;
 pub use session::{
     ExpiredCause, Session, SessionBuilder, SessionState, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,
     MAX_TTL,

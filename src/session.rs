@@ -163,14 +163,23 @@ impl SessionBuilder {
         if self.ttl < Duration::from_secs(1) || self.ttl.subsec_nanos() != 0 {
             return Err(Error::invalid(
                 "ttl",
-                format!("must be a whole number of seconds, at least 1 (got {:?})", self.ttl),
+                format!(
+                    "must be a whole number of seconds, at least 1 (got {:?})",
+                    self.ttl
+                ),
             ));
         }
         if self.ttl > MAX_TTL {
-            return Err(Error::invalid("ttl", format!("must be at most {MAX_TTL:?}")));
+            return Err(Error::invalid(
+                "ttl",
+                format!("must be at most {MAX_TTL:?}"),
+            ));
         }
         if self.request_timeout.is_zero() {
-            return Err(Error::invalid("request_timeout", "must be greater than zero"));
+            return Err(Error::invalid(
+                "request_timeout",
+                "must be greater than zero",
+            ));
         }
         let mut client = self.client.clone();
         let sent_at = Instant::now();
@@ -561,7 +570,11 @@ impl Session {
     }
 }
 
-pub(crate) async fn with_timeout<T, F>(after: Duration, operation: &'static str, fut: F) -> Result<T>
+pub(crate) async fn with_timeout<T, F>(
+    after: Duration,
+    operation: &'static str,
+    fut: F,
+) -> Result<T>
 where
     F: Future<Output = std::result::Result<T, etcd_client::Error>>,
 {
@@ -581,7 +594,11 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Backoff { next: min, max, min }
+        Backoff {
+            next: min,
+            max,
+            min,
+        }
     }
 
     /// The next pause, with up to 25 % random reduction so that many clients do not retry in

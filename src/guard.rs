@@ -1,0 +1,277 @@
+//! The proof of holding: one guard type shared by every lock-like primitive.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Compare, Txn, TxnOp, TxnOpResponse, TxnResponse};
+
+use crate::error::{Error, Result};
+use crate::session::{Backoff, Session, SessionState};
+use crate::wait::{self, Entry};
+
+/// Proof that this process holds a lock (a [`Mutex`](crate::Mutex) or any other lock-like
+/// primitive of this crate).
+///
+/// # Fencing
+///
+/// A lease-based lock alone **cannot** guarantee mutual exclusion: a holder that pauses (GC, swap,
+/// a stopped VM) or is cut off from etcd for longer than its TTL loses the lock without running
+/// any code, and may resume its critical section while a new holder runs its own. Fencing closes
+/// that gap. The [`fencing_token`](Self::fencing_token) is the create revision of the holder's
+/// key and strictly increases from one holder to the next; write it next to your data and
+/// reject older tokens, or make your etcd writes conditional with [`txn`](Self::txn) /
+/// [`is_owner`](Self::is_owner), which commit only while this exact key still exists.
+///
+/// # Release
+///
+/// [`unlock`](Self::unlock) deletes the key (fenced by its create revision, so a late retry never
+/// deletes a newer holder's key) and reports errors. Dropping the guard releases in the
+/// background instead: it never blocks, and [`Session::close`] waits for it.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn f(session: etcd_coord::Session) -> etcd_coord::Result<()> {
+/// use etcd_coord::etcd_client::{Txn, TxnOp};
+/// let lock = etcd_coord::Mutex::new(&session, "jobs/report")?;
+/// let guard = lock.lock().await?;
+/// // Commits only while we still hold the lock.
+/// guard
+///     .txn(Txn::new().and_then([TxnOp::put("jobs/report/last-run", "today", None)]))
+///     .await?;
+/// guard.unlock().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "dropping the guard releases the lock"]
+pub struct LockGuard {
+    session: Session,
+    entry: Entry,
+    acquired_rev: i64,
+    released: AtomicBool,
+}
+
+impl LockGuard {
+    pub(crate) fn new(session: &Session, entry: Entry, acquired_rev: i64) -> Self {
+        LockGuard {
+            session: session.clone(),
+            entry,
+            acquired_rev,
+            released: AtomicBool::new(false),
+        }
+    }
+
+    /// The key that proves ownership (`NAME/<lease hex>_<random>`).
+    ///
+    /// ```no_run
+    /// # fn f(g: etcd_coord::LockGuard) {
+    /// println!("holding {}", g.key());
+    /// # }
+    /// ```
+    pub fn key(&self) -> &str {
+        &self.entry.key
+    }
+
+    /// The fencing token: the create revision of [`key`](Self::key). It is larger than every
+    /// token of every earlier holder of the same lock.
+    ///
+    /// ```no_run
+    /// # fn f(g: etcd_coord::LockGuard) {
+    /// let token: i64 = g.fencing_token();
+    /// # }
+    /// ```
+    pub fn fencing_token(&self) -> i64 {
+        self.entry.create_rev
+    }
+
+    /// The etcd revision at which this process learned it holds the lock.
+    ///
+    /// ```no_run
+    /// # fn f(g: etcd_coord::LockGuard) {
+    /// assert!(g.acquired_revision() >= g.fencing_token());
+    /// # }
+    /// ```
+    pub fn acquired_revision(&self) -> i64 {
+        self.acquired_rev
+    }
+
+    /// The session the lock is bound to.
+    ///
+    /// ```no_run
+    /// # fn f(g: etcd_coord::LockGuard) {
+    /// let lease = g.session().lease_id();
+    /// # }
+    /// ```
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// A comparison that holds only while this guard still owns the lock, for your own
+    /// transactions.
+    ///
+    /// ```no_run
+    /// # async fn f(g: etcd_coord::LockGuard, mut client: etcd_client::Client) -> Result<(), etcd_client::Error> {
+    /// use etcd_client::{Txn, TxnOp};
+    /// let txn = Txn::new().when([g.is_owner()]).and_then([TxnOp::put("k", "v", None)]);
+    /// let committed = client.txn(txn).await?.succeeded();
+    /// # Ok(()) }
+    /// ```
+    pub fn is_owner(&self) -> Compare {
+        self.entry.is_owner()
+    }
+
+    /// Whether the guard still holds, as far as this process knows without asking etcd: not
+    /// released and its session alive. Use [`txn`](Self::txn) where being sure matters.
+    ///
+    /// ```no_run
+    /// # fn f(g: etcd_coord::LockGuard) {
+    /// if !g.is_held() { return; }
+    /// # }
+    /// ```
+    pub fn is_held(&self) -> bool {
+        !self.released.load(Ordering::Acquire) && self.session.is_alive()
+    }
+
+    /// Completes when the lock is lost: the session ends, or the key is deleted by anyone
+    /// (an operator, a lease revoke the keepalive has not seen yet). Watching the key costs one
+    /// watch stream while this future is polled; none otherwise.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    ///
+    /// ```no_run
+    /// # async fn f(g: etcd_coord::LockGuard) {
+    /// tokio::select! {
+    ///     _ = g.lost() => eprintln!("lock lost; stopping"),
+    ///     _ = critical_section() => {}
+    /// }
+    /// # }
+    /// # async fn critical_section() {}
+    /// ```
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let session = self.session.clone();
+        let entry = self.entry.clone();
+        let mut from = self.acquired_rev + 1;
+        async move {
+            let watch_key = async {
+                let keys = [entry.key.clone().into_bytes()];
+                let none = wait::Blockers::prefixes(Vec::new());
+                let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+                loop {
+                    let woke = wait::next_delete(&session, &keys, from).await;
+                    // Whatever woke us, ask etcd whether the key is still ours.
+                    match wait::check(&session, &entry, &none).await {
+                        Ok(position) => from = position.revision + 1,
+                        Err(Error::NotHeld { .. }) => return,
+                        Err(e) if !e.is_retryable() => return,
+                        Err(_) => {}
+                    }
+                    if woke.is_err() {
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = session.lost() => {}
+                _ = watch_key => {}
+            }
+        }
+    }
+
+    /// Runs `txn` only while this guard still owns the lock, atomically.
+    ///
+    /// Your transaction (with its own compares, success and failure branches) is nested inside
+    /// one whose only compare is [`is_owner`](Self::is_owner); its response is returned as if
+    /// you had sent it yourself.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotHeld`] if the lock was lost (nothing of `txn` ran); etcd errors otherwise.
+    ///
+    /// # Cancel safety
+    ///
+    /// If dropped after sending, the transaction may or may not have committed.
+    ///
+    /// ```no_run
+    /// # async fn f(g: etcd_coord::LockGuard) -> etcd_coord::Result<()> {
+    /// use etcd_coord::etcd_client::{Txn, TxnOp};
+    /// g.txn(Txn::new().and_then([TxnOp::put("counter", "42", None)])).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        let outer = Txn::new()
+            .when([self.is_owner()])
+            .and_then([TxnOp::txn(txn)]);
+        let mut client = self.session.client().clone();
+        let resp = self
+            .session
+            .request("running an owner-only transaction", client.txn(outer))
+            .await?;
+        if !resp.succeeded() {
+            return Err(Error::NotHeld {
+                key: self.entry.key.clone(),
+            });
+        }
+        resp.op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                TxnOpResponse::Txn(inner) => Some(inner),
+                _ => None,
+            })
+            .ok_or_else(|| Error::Etcd {
+                message: "unexpected reply from etcd: no nested transaction response".into(),
+                source: None,
+                retryable: false,
+            })
+    }
+
+    /// Releases the lock now: a delete fenced by the key's create revision.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotHeld`] if the key was already gone (the lock had been lost; nothing was
+    /// deleted); the session's error if the session ended while holding (the key was deleted
+    /// if it was still ours, but the lock may have lapsed before); [`Error::Timeout`] or
+    /// [`Error::Unavailable`] if etcd did not answer, in which case the release continues in the
+    /// background.
+    ///
+    /// # Cancel safety
+    ///
+    /// If dropped, the release continues in the background.
+    ///
+    /// ```no_run
+    /// # async fn f(g: etcd_coord::LockGuard) -> etcd_coord::Result<()> {
+    /// g.unlock().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn unlock(self) -> Result<()> {
+        let state = self.session.state();
+        let deleted =
+            wait::release(&self.session, &self.entry.key, Some(self.entry.create_rev)).await;
+        // From here on the guard's Drop has nothing to do, unless the request failed.
+        if deleted.is_ok() {
+            self.released.store(true, Ordering::Release);
+        }
+        match (deleted?, state) {
+            (true, SessionState::Alive) => Ok(()),
+            (true, other) => Err(other.error().unwrap_or(Error::SessionClosed)),
+            (false, _) => Err(Error::NotHeld {
+                key: self.entry.key.clone(),
+            }),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if !self.released.swap(true, Ordering::AcqRel) {
+            wait::release_in_background(
+                &self.session,
+                self.entry.key.clone(),
+                Some(self.entry.create_rev),
+            );
+        }
+    }
+}
