@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Compare, Txn, TxnOp, TxnOpResponse, TxnResponse};
@@ -50,6 +51,9 @@ pub struct LockGuard {
     entry: Entry,
     acquired_rev: i64,
     released: AtomicBool,
+    /// Set once this process learned that the key is gone (by `lost()` or an owner-only
+    /// transaction that found it missing).
+    gone: Arc<AtomicBool>,
 }
 
 impl LockGuard {
@@ -59,6 +63,7 @@ impl LockGuard {
             entry,
             acquired_rev,
             released: AtomicBool::new(false),
+            gone: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -122,7 +127,8 @@ impl LockGuard {
     }
 
     /// Whether the guard still holds, as far as this process knows without asking etcd: not
-    /// released and its session alive. Use [`txn`](Self::txn) where being sure matters.
+    /// released, its session alive, and its key not seen gone. Use [`txn`](Self::txn) where
+    /// being sure matters.
     ///
     /// ```no_run
     /// # fn f(g: etcd_coord::LockGuard) {
@@ -130,7 +136,9 @@ impl LockGuard {
     /// # }
     /// ```
     pub fn is_held(&self) -> bool {
-        !self.released.load(Ordering::Acquire) && self.session.is_alive()
+        !self.released.load(Ordering::Acquire)
+            && !self.gone.load(Ordering::Acquire)
+            && self.session.is_alive()
     }
 
     /// Completes when the lock is lost: the session ends, or the key is deleted by anyone
@@ -154,6 +162,7 @@ impl LockGuard {
         let session = self.session.clone();
         let entry = self.entry.clone();
         let mut from = self.acquired_rev + 1;
+        let gone = self.gone.clone();
         async move {
             let watch_key = async {
                 let keys = [entry.key.clone().into_bytes()];
@@ -164,7 +173,10 @@ impl LockGuard {
                     // Whatever woke us, ask etcd whether the key is still ours.
                     match wait::check(&session, &entry, &none).await {
                         Ok(position) => from = position.revision + 1,
-                        Err(Error::NotHeld { .. }) => return,
+                        Err(Error::NotHeld { .. }) => {
+                            gone.store(true, Ordering::Release);
+                            return;
+                        }
                         Err(e) if !e.is_retryable() => return,
                         Err(_) => {}
                     }
@@ -210,6 +222,7 @@ impl LockGuard {
             .request("running an owner-only transaction", client.txn(outer))
             .await?;
         if !resp.succeeded() {
+            self.gone.store(true, Ordering::Release);
             return Err(Error::NotHeld {
                 key: self.entry.key.clone(),
             });

@@ -11,6 +11,9 @@ mod mutex;
 mod session;
 mod wait;
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 pub use connect::{connect, Connect, DEFAULT_DIAL_TIMEOUT};
 pub use error::{BoxError, Error, Result};
 pub use guard::LockGuard;
