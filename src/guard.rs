@@ -5,11 +5,37 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use etcd_client::{Compare, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
+use crate::keys::participant_key;
 use crate::session::{Backoff, Session, SessionState};
-use crate::wait::{self, Entry};
+use crate::wait::{self, Blockers, Entry, PendingKey};
+
+/// What to acquire: see [`LockGuard::acquire`].
+pub(crate) struct Acquire<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) key_prefix: &'a str,
+    pub(crate) value: &'a [u8],
+    pub(crate) blockers: Blockers,
+    pub(crate) extra: Vec<TxnOp>,
+    pub(crate) wait: bool,
+}
+
+impl<'a> Acquire<'a> {
+    /// Waits for `blockers`, with an empty value and nothing extra.
+    pub(crate) fn new(name: &'a str, key_prefix: &'a str, blockers: Blockers) -> Self {
+        Acquire {
+            name,
+            key_prefix,
+            value: b"",
+            blockers,
+            extra: Vec::new(),
+            wait: true,
+        }
+    }
+}
 
 /// Proof that this process holds a lock (a [`Mutex`](crate::Mutex) or any other lock-like
 /// primitive of this crate).
@@ -57,6 +83,93 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
+    /// The whole of an acquire, shared by every lock-like primitive: put a fresh key
+    /// `<key_prefix><lease hex>_<random>` with `value`, then wait until `blockers` let it hold
+    /// (or, with `wait` false, give up at once with [`Error::WouldBlock`], deleting the key).
+    ///
+    /// `extra` operations ride along in the joining transaction and `verify` inspects their
+    /// responses (a semaphore checks its recorded permit count that way); if `verify` fails,
+    /// the key is deleted and its error returned. Any error or a dropped future deletes the key.
+    pub(crate) async fn acquire(
+        session: &Session,
+        spec: Acquire<'_>,
+        verify: impl FnOnce(&[TxnOpResponse]) -> Result<()>,
+    ) -> Result<LockGuard> {
+        session.check_alive()?;
+        let key = participant_key(spec.key_prefix, session.lease_id());
+        let span = tracing::debug_span!("acquire", name = spec.name, key = %key);
+        async {
+            let mut pending = PendingKey::new(session, key);
+            let (entry, position, extra) = wait::enqueue(
+                session,
+                &mut pending,
+                spec.value,
+                &spec.blockers,
+                spec.extra,
+            )
+            .await?;
+            verify(&extra)?;
+            if !spec.wait && !position.waiting_on.is_empty() {
+                wait::release(session, &entry.key, Some(entry.create_rev)).await?;
+                pending.disarm();
+                return Err(Error::WouldBlock {
+                    name: spec.name.to_string(),
+                });
+            }
+            let revision = wait::wait_turn(session, &entry, &spec.blockers, position).await?;
+            pending.disarm();
+            tracing::debug!(token = entry.create_rev, revision, "acquired");
+            Ok(LockGuard::new(session, entry, revision))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The whole of a one-request try: put a fresh key only if every compare in `free` holds
+    /// (they say "nobody holds or waits"); otherwise [`Error::WouldBlock`] and no key.
+    pub(crate) async fn try_acquire(
+        session: &Session,
+        name: &str,
+        key_prefix: &str,
+        value: &[u8],
+        free: Vec<Compare>,
+    ) -> Result<LockGuard> {
+        session.check_alive()?;
+        let key = participant_key(key_prefix, session.lease_id());
+        let pending = PendingKey::new(session, key.clone());
+        let txn = Txn::new().when(free).and_then([TxnOp::put(
+            key.clone(),
+            value.to_vec(),
+            Some(PutOptions::new().with_lease(session.lease_id())),
+        )]);
+        let mut client = session.client().clone();
+        let resp = session
+            .request("trying to acquire", client.txn(txn))
+            .await?;
+        if !resp.succeeded() {
+            pending.disarm();
+            return Err(Error::WouldBlock {
+                name: name.to_string(),
+            });
+        }
+        // Without a revision we cannot fence; `pending` deletes the key on the way out.
+        let revision = resp
+            .header()
+            .map(|h| h.revision())
+            .ok_or_else(|| Error::Etcd {
+                message: "unexpected reply from etcd: a response without a header".into(),
+                source: None,
+                retryable: true,
+            })?;
+        pending.disarm();
+        tracing::debug!(name, key = %key, token = revision, "acquired without waiting");
+        let entry = Entry {
+            key,
+            create_rev: revision,
+        };
+        Ok(LockGuard::new(session, entry, revision))
+    }
+
     pub(crate) fn new(session: &Session, entry: Entry, acquired_rev: i64) -> Self {
         LockGuard {
             session: session.clone(),
@@ -166,10 +279,10 @@ impl LockGuard {
         async move {
             let watch_key = async {
                 let keys = [entry.key.clone().into_bytes()];
-                let none = wait::Blockers::prefixes(Vec::new());
+                let none = Blockers::prefixes(Vec::new());
                 let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
                 loop {
-                    let woke = wait::next_delete(&session, &keys, from).await;
+                    let woke = wait::next_change(&session, &keys, from, false).await;
                     // Whatever woke us, ask etcd whether the key is still ours.
                     match wait::check(&session, &entry, &none).await {
                         Ok(position) => from = position.revision + 1,
@@ -213,31 +326,15 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-        let outer = Txn::new()
-            .when([self.is_owner()])
-            .and_then([TxnOp::txn(txn)]);
-        let mut client = self.session.client().clone();
-        let resp = self
-            .session
-            .request("running an owner-only transaction", client.txn(outer))
-            .await?;
-        if !resp.succeeded() {
-            self.gone.store(true, Ordering::Release);
-            return Err(Error::NotHeld {
-                key: self.entry.key.clone(),
-            });
+        match owner_txn(&self.session, vec![self.is_owner()], txn).await? {
+            Some(resp) => Ok(resp),
+            None => {
+                self.gone.store(true, Ordering::Release);
+                Err(Error::NotHeld {
+                    key: self.entry.key.clone(),
+                })
+            }
         }
-        resp.op_responses()
-            .into_iter()
-            .find_map(|r| match r {
-                TxnOpResponse::Txn(inner) => Some(inner),
-                _ => None,
-            })
-            .ok_or_else(|| Error::Etcd {
-                message: "unexpected reply from etcd: no nested transaction response".into(),
-                source: None,
-                retryable: false,
-            })
     }
 
     /// Releases the lock now: a delete fenced by the key's create revision.
@@ -287,4 +384,32 @@ impl Drop for LockGuard {
             );
         }
     }
+}
+
+/// Runs `txn` nested inside a transaction whose compares are `owner`, in one request; returns
+/// the nested response, or `None` if an owner compare failed (then nothing of `txn` ran).
+pub(crate) async fn owner_txn(
+    session: &Session,
+    owner: Vec<Compare>,
+    txn: Txn,
+) -> Result<Option<TxnResponse>> {
+    let outer = Txn::new().when(owner).and_then([TxnOp::txn(txn)]);
+    let mut client = session.client().clone();
+    let resp = session
+        .request("running an owner-only transaction", client.txn(outer))
+        .await?;
+    if !resp.succeeded() {
+        return Ok(None);
+    }
+    resp.op_responses()
+        .into_iter()
+        .find_map(|r| match r {
+            TxnOpResponse::Txn(inner) => Some(Some(inner)),
+            _ => None,
+        })
+        .ok_or_else(|| Error::Etcd {
+            message: "unexpected reply from etcd: no nested transaction response".into(),
+            source: None,
+            retryable: false,
+        })
 }

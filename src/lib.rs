@@ -7,7 +7,10 @@ mod connect;
 mod error;
 mod guard;
 mod keys;
+mod multilock;
 mod mutex;
+mod rwlock;
+mod semaphore;
 mod session;
 mod wait;
 
@@ -18,7 +21,10 @@ pub use connect::{connect, Connect, DEFAULT_DIAL_TIMEOUT};
 pub use error::{BoxError, Error, Result};
 pub use guard::LockGuard;
 pub use keys::MAX_NAME_LEN;
+pub use multilock::{Lockable, MultiGuard, MultiLock};
 pub use mutex::Mutex;
+pub use rwlock::RwLock;
+pub use semaphore::{Semaphore, MAX_PERMITS};
 pub use session::{
     ExpiredCause, Session, SessionBuilder, SessionState, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,
     MAX_TTL,

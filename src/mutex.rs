@@ -1,14 +1,13 @@
 //! A distributed mutex, fenced and cancel-safe, that excludes Go's `concurrency.Mutex` and
 //! `etcdctl lock` on the same name.
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
-use tracing::Instrument;
+use etcd_client::{Compare, CompareOp};
 
-use crate::error::{Error, Result};
-use crate::guard::LockGuard;
-use crate::keys::{participant_key, prefix, validate_name};
+use crate::error::Result;
+use crate::guard::{Acquire, LockGuard};
+use crate::keys::{prefix, validate_name};
 use crate::session::Session;
-use crate::wait::{self, Blockers, Entry, PendingKey};
+use crate::wait::Blockers;
 
 /// A mutual-exclusion lock shared by every process that uses the same name on the same etcd
 /// cluster.
@@ -117,21 +116,9 @@ impl Mutex {
     /// # Ok(()) }
     /// ```
     pub async fn lock(&self) -> Result<LockGuard> {
-        let session = &self.session;
-        session.check_alive()?;
-        let key = participant_key(&self.prefix, session.lease_id());
-        let span = tracing::debug_span!("lock", name = %self.name, key = %key);
-        async {
-            let blockers = Blockers::prefixes([self.prefix.clone()]);
-            let mut pending = PendingKey::new(session, key);
-            let (entry, position) = wait::enqueue(session, &mut pending, b"", &blockers).await?;
-            let revision = wait::wait_turn(session, &entry, &blockers, position).await?;
-            pending.disarm();
-            tracing::debug!(token = entry.create_rev, revision, "acquired");
-            Ok(LockGuard::new(session, entry, revision))
-        }
-        .instrument(span)
-        .await
+        let blockers = Blockers::prefixes([self.prefix.clone()]);
+        let spec = Acquire::new(&self.name, &self.prefix, blockers);
+        LockGuard::acquire(&self.session, spec, |_| Ok(())).await
     }
 
     /// Takes the lock only if nobody holds or waits for it, in one request.
@@ -155,44 +142,8 @@ impl Mutex {
     /// # Ok(()) }
     /// ```
     pub async fn try_lock(&self) -> Result<LockGuard> {
-        let session = &self.session;
-        session.check_alive()?;
-        let key = participant_key(&self.prefix, session.lease_id());
-        let pending = PendingKey::new(session, key.clone());
         // Any key under the prefix, holder or waiter, means we would have to wait.
-        let txn = Txn::new()
-            .when([Compare::version(self.prefix.clone(), CompareOp::Equal, 0).with_prefix()])
-            .and_then([TxnOp::put(
-                key.clone(),
-                "",
-                Some(PutOptions::new().with_lease(session.lease_id())),
-            )]);
-        let mut client = session.client().clone();
-        let resp = session.request("trying a lock", client.txn(txn)).await?;
-        if !resp.succeeded() {
-            pending.disarm();
-            return Err(Error::WouldBlock {
-                name: self.name.clone(),
-            });
-        }
-        // Without a revision we cannot fence; `pending` deletes the key on the way out.
-        let revision = resp
-            .header()
-            .map(|h| h.revision())
-            .ok_or_else(|| Error::Etcd {
-                message: "unexpected reply from etcd: a response without a header".into(),
-                source: None,
-                retryable: true,
-            })?;
-        pending.disarm();
-        tracing::debug!(name = %self.name, key = %key, token = revision, "acquired by try_lock");
-        Ok(LockGuard::new(
-            session,
-            Entry {
-                key,
-                create_rev: revision,
-            },
-            revision,
-        ))
+        let free = Compare::version(self.prefix.clone(), CompareOp::Equal, 0).with_prefix();
+        LockGuard::try_acquire(&self.session, &self.name, &self.prefix, b"", vec![free]).await
     }
 }

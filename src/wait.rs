@@ -14,8 +14,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions,
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions,
 };
 
 use crate::error::{Error, Result};
@@ -25,35 +25,48 @@ use crate::session::{Backoff, Session};
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
-/// A range of keys whose older members block a waiter.
+/// What stands in a waiter's way: the keys older than its own in some key ranges, of which
+/// fewer than `permits` may exist for it to hold (1 for a lock, N for an N-permit semaphore).
 #[derive(Debug, Clone)]
-pub(crate) struct Blockers(Vec<(Vec<u8>, Vec<u8>)>);
+pub(crate) struct Blockers {
+    ranges: Vec<(Vec<u8>, Vec<u8>)>,
+    permits: usize,
+}
 
 impl Blockers {
-    /// Every key under each of these prefixes blocks.
+    /// Every key under each of these prefixes blocks; one permit.
     pub(crate) fn prefixes<I: IntoIterator<Item = String>>(prefixes: I) -> Self {
-        Blockers(
-            prefixes
+        Blockers {
+            ranges: prefixes
                 .into_iter()
                 .map(|p| {
                     let end = prefix_end(p.as_bytes());
                     (p.into_bytes(), end)
                 })
                 .collect(),
-        )
+            permits: 1,
+        }
     }
 
-    /// One read per range: the key with the highest create revision at or below `max_rev`
-    /// (or any, for 0), other than `me`. Two keys per range so that `me` can be skipped.
+    /// Lets up to `permits` keys hold at once.
+    pub(crate) fn with_permits(mut self, permits: usize) -> Self {
+        self.permits = permits.max(1);
+        self
+    }
+
+    /// One read per range: the keys with the highest create revisions at or below `max_rev`
+    /// (or any, for 0). `permits + 2` of them: enough to skip our own key and still tell
+    /// "exactly `permits` older" from "more".
     fn reads(&self, max_rev: i64) -> Vec<TxnOp> {
-        self.0
+        let limit = self.permits as i64 + 2;
+        self.ranges
             .iter()
             .map(|(start, end)| {
                 let mut opts = GetOptions::new()
                     .with_range(end.clone())
                     .with_sort(SortTarget::Create, SortOrder::Descend)
                     .with_keys_only()
-                    .with_limit(2);
+                    .with_limit(limit);
                 if max_rev > 0 {
                     opts = opts.with_max_create_revision(max_rev);
                 }
@@ -85,11 +98,36 @@ pub(crate) struct Blocker {
     pub(crate) lease: i64,
 }
 
-/// Result of reading the queue: who blocks (if anyone) as of `revision`.
+/// Result of reading the queue as of `revision`: the keys to wait for (none: we hold).
 #[derive(Debug)]
 pub(crate) struct Position {
-    pub(crate) blocker: Option<Blocker>,
+    pub(crate) waiting_on: Vec<Blocker>,
+    /// Whether a put on a watched key (a waiter ahead being promoted to holder) matters too.
+    pub(crate) watch_puts: bool,
     pub(crate) revision: i64,
+}
+
+impl Position {
+    /// Decides from the older keys (any order) who to wait for.
+    ///
+    /// With `permits` P we hold when fewer than P keys are older. With exactly P older, those
+    /// are the holders and any of them leaving lets us in, so we watch them all. With more, we
+    /// watch only the nearest older key: it is a waiter, and we cannot be let in before it is
+    /// let in (its promotion is a put on its key, for P > 1) or leaves (a delete).
+    fn new(mut older: Vec<Blocker>, permits: usize, revision: i64) -> Self {
+        older.sort_by(|a, b| b.create_rev.cmp(&a.create_rev));
+        older.dedup_by(|a, b| a.key == b.key);
+        let (waiting_on, watch_puts) = match older.len() {
+            n if n < permits => (Vec::new(), false),
+            n if n == permits => (older, false),
+            _ => (vec![older.swap_remove(0)], permits > 1),
+        };
+        Position {
+            waiting_on,
+            watch_puts,
+            revision,
+        }
+    }
 }
 
 /// Deletes a key this process created if it is interrupted before handing the key to a guard.
@@ -218,8 +256,8 @@ fn malformed(what: &str) -> Error {
     }
 }
 
-/// The nearest older key among the range reads of a transaction response, skipping `me`.
-fn nearest_older(responses: &[TxnOpResponse], me: &str, my_rev: i64) -> Option<Blocker> {
+/// The keys older than `me` among the range reads of a transaction response.
+fn older_keys(responses: &[TxnOpResponse], me: &str, my_rev: i64) -> Vec<Blocker> {
     responses
         .iter()
         .filter_map(|r| match r {
@@ -228,22 +266,26 @@ fn nearest_older(responses: &[TxnOpResponse], me: &str, my_rev: i64) -> Option<B
         })
         .flatten()
         .filter(|kv| kv.key() != me.as_bytes() && kv.create_revision() < my_rev)
-        .max_by_key(|kv| kv.create_revision())
         .map(|kv: &KeyValue| Blocker {
             key: kv.key().to_vec(),
             create_rev: kv.create_revision(),
             lease: kv.lease(),
         })
+        .collect()
 }
 
 /// Joins the queue: puts `key` (bound to the session's lease) unless it exists, and reads the
-/// nearest older blocker, in one transaction. `pending` learns the create revision.
+/// keys ahead of it, in one transaction. `pending` learns the create revision.
+///
+/// `extra` operations run in the same transaction whichever branch it takes; their responses
+/// are returned in order (a primitive uses them to check its own metadata in the same request).
 pub(crate) async fn enqueue(
     session: &Session,
     pending: &mut PendingKey,
     value: &[u8],
     blockers: &Blockers,
-) -> Result<(Entry, Position)> {
+    extra: Vec<TxnOp>,
+) -> Result<(Entry, Position, Vec<TxnOpResponse>)> {
     let key = pending.key.clone();
     let mut ops = vec![TxnOp::put(
         key.clone(),
@@ -251,10 +293,13 @@ pub(crate) async fn enqueue(
         Some(PutOptions::new().with_lease(session.lease_id())),
     )];
     ops.extend(blockers.reads(0));
+    ops.extend(extra.iter().cloned());
+    let mut otherwise = vec![TxnOp::get(key.clone(), None)];
+    otherwise.extend(extra.iter().cloned());
     let txn = Txn::new()
         .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
         .and_then(ops)
-        .or_else([TxnOp::get(key.clone(), None)]);
+        .or_else(otherwise);
     let resp = retrying(session, || {
         let mut client = session.client().clone();
         let txn = txn.clone();
@@ -262,6 +307,8 @@ pub(crate) async fn enqueue(
     })
     .await?;
     let rev = revision(&resp)?;
+    let mut responses = resp.op_responses();
+    let extra_responses = responses.split_off(responses.len().saturating_sub(extra.len()));
     if resp.succeeded() {
         // Every put of a transaction is created at the transaction's revision.
         pending.create_rev = Some(rev);
@@ -269,18 +316,12 @@ pub(crate) async fn enqueue(
             key: key.clone(),
             create_rev: rev,
         };
-        let blocker = nearest_older(&resp.op_responses(), &key, rev);
-        return Ok((
-            entry,
-            Position {
-                blocker,
-                revision: rev,
-            },
-        ));
+        let older = older_keys(&responses, &key, rev);
+        let position = Position::new(older, blockers.permits, rev);
+        return Ok((entry, position, extra_responses));
     }
     // The key exists: an earlier try of this very call committed before its answer was lost.
-    let existing = resp
-        .op_responses()
+    let existing = responses
         .into_iter()
         .find_map(|r| match r {
             TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.create_revision()),
@@ -293,10 +334,10 @@ pub(crate) async fn enqueue(
         create_rev: existing,
     };
     let position = check(session, &entry, blockers).await?;
-    Ok((entry, position))
+    Ok((entry, position, extra_responses))
 }
 
-/// One request: is my key still there, and who is the nearest older blocker now?
+/// One request: is my key still there, and who is ahead of it now?
 ///
 /// # Errors
 ///
@@ -320,13 +361,15 @@ pub(crate) async fn check(
             key: entry.key.clone(),
         });
     }
-    Ok(Position {
-        blocker: nearest_older(&resp.op_responses(), &entry.key, entry.create_rev),
-        revision: revision(&resp)?,
-    })
+    let older = older_keys(&resp.op_responses(), &entry.key, entry.create_rev);
+    Ok(Position::new(older, blockers.permits, revision(&resp)?))
 }
 
-/// Waits until no older key blocks `entry`, returning the revision at which that was seen.
+/// Waits until fewer than the allowed number of older keys block `entry`, returning the
+/// revision at which that was seen.
+///
+/// With more than one permit, a waiter that had to wait announces its promotion with a put on
+/// its key (value and lease unchanged), which is what the waiter behind it watches for.
 ///
 /// # Errors
 ///
@@ -340,30 +383,30 @@ pub(crate) async fn wait_turn(
 ) -> Result<i64> {
     let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
     let mut warned_leaseless = false;
-    loop {
-        let Some(blocker) = position.blocker.take() else {
-            // The check proved our key existed at this revision (so our lease was alive on the
-            // server); the local state proves we have not since lost it.
-            session.check_alive()?;
-            return Ok(position.revision);
-        };
-        if blocker.lease == 0 && !warned_leaseless {
-            warned_leaseless = true;
-            tracing::warn!(
-                key = %entry.key, blocker = %show(&blocker.key),
-                "waiting behind a key without a lease: it goes only when someone deletes it"
-            );
+    let mut waited = false;
+    while !position.waiting_on.is_empty() {
+        waited = true;
+        if !warned_leaseless {
+            if let Some(b) = position.waiting_on.iter().find(|b| b.lease == 0) {
+                warned_leaseless = true;
+                tracing::warn!(
+                    key = %entry.key, blocker = %show(&b.key),
+                    "waiting behind a key without a lease: it goes only when someone deletes it"
+                );
+            }
         }
         tracing::debug!(
-            key = %entry.key, blocker = %show(&blocker.key), blocker_rev = blocker.create_rev,
+            key = %entry.key,
+            blockers = ?position.waiting_on.iter().map(|b| show(&b.key)).collect::<Vec<_>>(),
             revision = position.revision, "waiting"
         );
-        let watched = [blocker.key.clone(), entry.key.clone().into_bytes()];
+        let mut watched: Vec<Vec<u8>> = position.waiting_on.iter().map(|b| b.key.clone()).collect();
+        watched.push(entry.key.clone().into_bytes());
         tokio::select! {
             state = session.lost() => {
                 return Err(state.error().unwrap_or(Error::SessionClosed));
             }
-            woke = next_delete(session, &watched, position.revision + 1) => {
+            woke = next_change(session, &watched, position.revision + 1, position.watch_puts) => {
                 if let Err(e) = woke {
                     if !e.is_retryable() {
                         return Err(e);
@@ -382,18 +425,59 @@ pub(crate) async fn wait_turn(
         }
         position = check(session, entry, blockers).await?;
     }
+    // The check proved our key existed at this revision (so our lease was alive on the
+    // server); the local state proves we have not lost it since.
+    session.check_alive()?;
+    if waited && blockers.permits > 1 {
+        return announce(session, entry).await;
+    }
+    Ok(position.revision)
 }
 
-/// Returns when any of `keys` is deleted at a revision >= `start`, or when the watch was
-/// cancelled by the server (compaction and the like), after which the caller re-reads.
+/// Touches our key (a put that keeps value and lease) so that the waiter behind us, which
+/// watches it, re-reads the queue. Fenced: fails with [`Error::NotHeld`] if the key is gone.
+async fn announce(session: &Session, entry: &Entry) -> Result<i64> {
+    let touch = TxnOp::put(
+        entry.key.clone(),
+        Vec::new(),
+        Some(PutOptions::new().with_ignore_value().with_ignore_lease()),
+    );
+    let txn = Txn::new().when([entry.is_owner()]).and_then([touch]);
+    let resp = retrying(session, || {
+        let mut client = session.client().clone();
+        let txn = txn.clone();
+        async move {
+            session
+                .request("announcing a promotion", client.txn(txn))
+                .await
+        }
+    })
+    .await?;
+    if !resp.succeeded() {
+        return Err(Error::NotHeld {
+            key: entry.key.clone(),
+        });
+    }
+    revision(&resp)
+}
+
+/// Returns when any of `keys` is deleted (or, with `puts`, written) at a revision >= `start`,
+/// or when the server cancelled the watch (compaction and the like), after which the caller
+/// re-reads.
 ///
 /// # Errors
 ///
 /// A retryable error when the stream could not be opened or broke.
-pub(crate) async fn next_delete(session: &Session, keys: &[Vec<u8>], start: i64) -> Result<()> {
-    let opts = WatchOptions::new()
-        .with_start_revision(start)
-        .with_filters([WatchFilterType::NoPut]);
+pub(crate) async fn next_change(
+    session: &Session,
+    keys: &[Vec<u8>],
+    start: i64,
+    puts: bool,
+) -> Result<()> {
+    let mut opts = WatchOptions::new().with_start_revision(start);
+    if !puts {
+        opts = opts.with_filters([WatchFilterType::NoPut]);
+    }
     let mut client = session.client().clone();
     let mut stream = session
         .request(
@@ -426,11 +510,7 @@ pub(crate) async fn next_delete(session: &Session, keys: &[Vec<u8>], start: i64)
             );
             return Ok(());
         }
-        if resp
-            .events()
-            .iter()
-            .any(|e| e.event_type() == EventType::Delete)
-        {
+        if !resp.events().is_empty() {
             return Ok(());
         }
     }
