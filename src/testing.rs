@@ -24,7 +24,9 @@
 //!   `ETCD_COORD_DATA_DIR` environment variable, `/dev/shm` when it exists and
 //!   is writable (tmpfs makes etcd's fsyncs cheap; note that etcd
 //!   pre-allocates 64 MiB WAL segments, which on tmpfs costs RAM), and
-//!   finally the system temporary directory.
+//!   finally the system temporary directory. Directories left behind by a
+//!   test process that was killed outright are removed by the next start
+//!   under the same root (each records its owner's PID in `owner.pid`).
 //! * Processes can be killed, paused (`SIGSTOP`), resumed, stopped gracefully
 //!   and restarted on the same data dir and ports, which makes failure
 //!   scenarios easy to script. [`EtcdCluster::metrics`] scrapes `/metrics`
@@ -102,6 +104,8 @@ const START_ATTEMPTS: usize = 4;
 const RESTART_ATTEMPTS: usize = 3;
 /// How long [`EtcdCluster::stop`] waits after `SIGTERM` before `SIGKILL`.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`EtcdCluster::pause`] waits for all threads to stop.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `Drop` waits for killed processes to be reaped.
 const DROP_REAP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of one HTTP request to a member.
@@ -217,7 +221,7 @@ impl ClusterOptions {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// let opts = etcd_coord::testing::ClusterOptions::new(3);
     /// ```
     pub fn new(members: usize) -> Self {
@@ -234,7 +238,7 @@ impl ClusterOptions {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// let opts = etcd_coord::testing::ClusterOptions::new(1).binary("/usr/bin/etcd");
     /// ```
     pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
@@ -250,7 +254,7 @@ impl ClusterOptions {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// let opts = etcd_coord::testing::ClusterOptions::new(1)
     ///     .arg("--auto-compaction-mode=revision")
     ///     .arg("--auto-compaction-retention=100");
@@ -264,7 +268,7 @@ impl ClusterOptions {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// let opts = etcd_coord::testing::ClusterOptions::new(1)
     ///     .args(["--quota-backend-bytes", "1048576"]);
     /// ```
@@ -283,7 +287,7 @@ impl ClusterOptions {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// let opts = etcd_coord::testing::ClusterOptions::new(1).data_dir_root("/var/tmp");
     /// ```
     pub fn data_dir_root(mut self, root: impl Into<PathBuf>) -> Self {
@@ -296,7 +300,7 @@ impl ClusterOptions {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// use std::time::Duration;
     /// let opts = etcd_coord::testing::ClusterOptions::new(3).ready_timeout(Duration::from_secs(60));
     /// ```
@@ -447,6 +451,7 @@ impl EtcdCluster {
             ));
         }
         let root = data_root(opts.data_dir_root.as_deref())?;
+        sweep_stale_dirs(&root);
         let mut last_error = None;
         for attempt in 1..=START_ATTEMPTS {
             match Local::try_start(&binary, &opts, &root).await {
@@ -523,7 +528,7 @@ impl EtcdCluster {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// let cluster = etcd_coord::testing::EtcdCluster::external(["127.0.0.1:2379"]);
     /// assert!(cluster.is_external());
     /// assert_eq!(cluster.endpoint(0), "http://127.0.0.1:2379");
@@ -716,13 +721,15 @@ impl EtcdCluster {
     }
 
     /// Freezes member `i` with `SIGSTOP`: it keeps its sockets open but
-    /// answers nothing, like a hung machine. Dropping the cluster still
-    /// kills a paused member.
+    /// answers nothing, like a hung machine. Returns once every thread of
+    /// the process is stopped (checked via `/proc`, bounded by 5 s).
+    /// Dropping the cluster still kills a paused member.
     ///
     /// # Errors
     ///
     /// `Unsupported` for external clusters, `InvalidInput` for a bad index,
-    /// `NotFound` when the member is not running.
+    /// `NotFound` when the member is not running, `TimedOut` when the
+    /// process did not stop in time.
     ///
     /// # Examples
     ///
@@ -1122,8 +1129,9 @@ impl Local {
         let mut members = Vec::with_capacity(n);
         for i in 0..n {
             let dir = tempfile::Builder::new()
-                .prefix(&format!("etcd-coord-m{i}-"))
+                .prefix(&format!("{DIR_PREFIX}m{i}-"))
                 .tempdir_in(root)?;
+            std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())?;
             members.push(Member {
                 name: format!("m{i}"),
                 client_port: ports[2 * i],
@@ -1244,7 +1252,13 @@ impl Local {
         let own_peer = format!("\"{}\"", m.peer_url());
         loop {
             self.ensure_running(m, "while starting")?;
-            if health_ok(authority, remaining(until)).await {
+            // Stop waiting for an answer as soon as the process exits (e.g.
+            // when someone else holds the port and never answers).
+            let healthy = tokio::select! {
+                healthy = health_ok(authority, remaining(until)) => healthy,
+                () = wait_for_exit(m) => false,
+            };
+            if healthy {
                 let identity = http_request(
                     authority,
                     "POST",
@@ -1314,6 +1328,24 @@ impl Local {
         }
         let pid = child.id();
         send_signal(pid, signal)?;
+        if signal == libc::SIGSTOP {
+            // kill() returns before every thread has actually stopped; a
+            // thread still running could answer one more request. Wait
+            // (briefly) until all of them are in the stopped state.
+            let until = Instant::now() + PAUSE_TIMEOUT;
+            while !all_threads_stopped(pid) {
+                if Instant::now() >= until {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "etcd member {} (pid {pid}) did not stop within {PAUSE_TIMEOUT:?}",
+                            m.name
+                        ),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         tracing::debug!(
             member = %m.name,
             pid,
@@ -1480,6 +1512,29 @@ impl Drop for Local {
     }
 }
 
+/// Whether every thread of `pid` is in the stopped (`T`) state, according to
+/// `/proc/<pid>/task/*/stat`. Dead threads count as stopped.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut seen = 0;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue; // the thread exited meanwhile
+        };
+        // The state follows the parenthesised command name, which may contain spaces.
+        let state = stat
+            .rfind(')')
+            .and_then(|close| stat[close + 1..].split_whitespace().next());
+        match state {
+            Some("T" | "Z" | "X" | "x") => seen += 1,
+            _ => return false,
+        }
+    }
+    seen > 0
+}
+
 fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
@@ -1590,6 +1645,48 @@ fn data_root(explicit: Option<&Path>) -> io::Result<PathBuf> {
     Ok(std::env::temp_dir())
 }
 
+/// Prefix of the members' temporary directories.
+const DIR_PREFIX: &str = "etcd-coord-";
+/// File in a member directory holding the PID of the process that owns it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes member directories left behind by test processes that were killed
+/// before they could clean up (their etcd children died with them). Runs once
+/// per process and root; only directories whose owner process is gone are
+/// touched.
+fn sweep_stale_dirs(root: &Path) {
+    static SWEPT: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
+    {
+        let mut swept = SWEPT
+            .get_or_init(|| Mutex::new(Vec::new()))
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if swept.iter().any(|r| r == root) {
+            return;
+        }
+        swept.push(root.to_path_buf());
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(owner) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
+            continue;
+        };
+        let Ok(owner) = owner.trim().parse::<u32>() else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{owner}")).exists() {
+            tracing::debug!(dir = %dir.display(), owner, "removing stale etcd directory");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 fn is_writable_dir(path: &Path) -> bool {
     let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
@@ -1625,7 +1722,8 @@ fn unsupported_arch_env(binary: &Path) -> Option<&'static str> {
 
 /// `(major, minor)` from `etcd --version`, cached per binary.
 fn binary_version(binary: &Path) -> Option<(u32, u32)> {
-    static CACHE: OnceLock<Mutex<HashMap<PathBuf, Option<(u32, u32)>>>> = OnceLock::new();
+    type Versions = HashMap<PathBuf, Option<(u32, u32)>>;
+    static CACHE: OnceLock<Mutex<Versions>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     if let Some(v) = cache
         .lock()
@@ -1693,6 +1791,13 @@ async fn health_ok(authority: &str, budget: Duration) -> bool {
     match http_request(authority, "GET", "/health", b"", timeout).await {
         Ok((200, body)) => String::from_utf8_lossy(&body).contains("\"health\":\"true\""),
         _ => false,
+    }
+}
+
+/// Resolves once member `m`'s process has exited (or is not running).
+async fn wait_for_exit(m: &Member) {
+    while let Ok(None) = m.exit_status() {
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
@@ -1877,7 +1982,7 @@ impl Metrics {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// use etcd_coord::testing::Metrics;
     /// let m = Metrics::parse(
     ///     "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Range\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 3\n",
@@ -1893,7 +1998,7 @@ impl Metrics {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// use etcd_coord::testing::Metrics;
     /// let m = Metrics::parse(
     ///     "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 2\n",
@@ -1912,7 +2017,7 @@ impl Metrics {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// use etcd_coord::testing::Metrics;
     /// let line = |n: u32| format!(
     ///     "grpc_server_handled_total{{grpc_code=\"OK\",grpc_method=\"Range\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}} {n}\n");
@@ -1948,7 +2053,7 @@ impl Metrics {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// use etcd_coord::testing::Metrics;
     /// let m = Metrics::parse("etcd_debugging_mvcc_watcher_total 4\n");
     /// assert_eq!(m.counter("etcd_debugging_mvcc_watcher_total"), 4.0);
@@ -1974,7 +2079,7 @@ impl Metrics {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// use etcd_coord::testing::Metrics;
     /// let text = "\
     /// # TYPE grpc_server_handled_total counter

@@ -95,7 +95,6 @@ impl Entry {
 pub(crate) struct Blocker {
     pub(crate) key: Vec<u8>,
     pub(crate) create_rev: i64,
-    pub(crate) lease: i64,
 }
 
 /// Result of reading the queue as of `revision`: the keys to wait for (none: we hold).
@@ -195,28 +194,88 @@ pub(crate) async fn release(session: &Session, key: &str, create_rev: Option<i64
 /// session's TTL, at least 10 s: after that the lease has usually ended and taken the key).
 pub(crate) fn release_in_background(session: &Session, key: String, create_rev: Option<i64>) {
     let s = session.clone();
+    session.spawn_background(async move { release_with_retries(&s, &key, create_rev).await });
+}
+
+async fn release_with_retries(session: &Session, key: &str, create_rev: Option<i64>) {
     let bound = session.ttl().max(Duration::from_secs(10));
-    session.spawn_background(async move {
-        let work = async {
-            let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
-            loop {
-                match release(&s, &key, create_rev).await {
-                    Ok(_) => return,
-                    Err(e) if e.is_retryable() => {
-                        tracing::debug!(key = %key, error = %e, "background release failed; retrying");
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(key = %key, error = %e, "background release failed");
-                        return;
-                    }
+    let work = async {
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+        loop {
+            match release(session, key, create_rev).await {
+                Ok(_) => return,
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(key, error = %e, "background release failed; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "background release failed");
+                    return;
                 }
             }
+        }
+    };
+    if tokio::time::timeout(bound, work).await.is_err() {
+        tracing::warn!(
+            key,
+            "background release gave up; the key goes when its lease ends"
+        );
+    }
+}
+
+/// Sends a transaction that may create our `key`, from a background task, so that its outcome
+/// is always seen by someone.
+///
+/// Dropping a future while its request is in flight does not stop the request: etcd may commit
+/// the put after any cleanup the dropped future could start (they travel on separate streams).
+/// So the request runs on its own, and if the caller has gone by the time the answer arrives,
+/// the task deletes whatever the answer says it created, fenced by its create revision.
+pub(crate) async fn send_creating(
+    session: &Session,
+    operation: &'static str,
+    key: &str,
+    txn: Txn,
+    retry: bool,
+) -> Result<TxnResponse> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let s = session.clone();
+    let key = key.to_string();
+    session.spawn_background(async move {
+        let send = || {
+            let mut client = s.client().clone();
+            let txn = txn.clone();
+            let s = &s;
+            async move { s.request(operation, client.txn(txn)).await }
         };
-        if tokio::time::timeout(bound, work).await.is_err() {
-            tracing::warn!(key = %key, "background release gave up; the key goes when its lease ends");
+        let result = if retry {
+            retrying(&s, send).await
+        } else {
+            send().await
+        };
+        if let Err(Ok(resp)) = tx.send(result) {
+            if let Some(rev) = created_revision(&resp, &key) {
+                tracing::debug!(key = %key, rev, "request answered after its caller left; deleting");
+                release_with_retries(&s, &key, Some(rev)).await;
+            }
         }
     });
+    rx.await.unwrap_or(Err(Error::SessionClosed))
+}
+
+/// The create revision of `key` according to a response of [`send_creating`]: the transaction's
+/// revision if it took the put branch, or the key as read in the other branch.
+fn created_revision(resp: &TxnResponse, key: &str) -> Option<i64> {
+    if resp.succeeded() {
+        return revision(resp).ok();
+    }
+    resp.op_responses().iter().find_map(|r| match r {
+        TxnOpResponse::Get(g) => g
+            .kvs()
+            .iter()
+            .find(|kv| kv.key() == key.as_bytes())
+            .map(|kv| kv.create_revision()),
+        _ => None,
+    })
 }
 
 /// Runs `op` until it succeeds, fails for good, or the session ends.
@@ -269,7 +328,6 @@ fn older_keys(responses: &[TxnOpResponse], me: &str, my_rev: i64) -> Vec<Blocker
         .map(|kv: &KeyValue| Blocker {
             key: kv.key().to_vec(),
             create_rev: kv.create_revision(),
-            lease: kv.lease(),
         })
         .collect()
 }
@@ -300,12 +358,7 @@ pub(crate) async fn enqueue(
         .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
         .and_then(ops)
         .or_else(otherwise);
-    let resp = retrying(session, || {
-        let mut client = session.client().clone();
-        let txn = txn.clone();
-        async move { session.request("joining the queue", client.txn(txn)).await }
-    })
-    .await?;
+    let resp = send_creating(session, "joining the queue", &key, txn, true).await?;
     let rev = revision(&resp)?;
     let mut responses = resp.op_responses();
     let extra_responses = responses.split_off(responses.len().saturating_sub(extra.len()));
@@ -382,19 +435,9 @@ pub(crate) async fn wait_turn(
     mut position: Position,
 ) -> Result<i64> {
     let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
-    let mut warned_leaseless = false;
     let mut waited = false;
     while !position.waiting_on.is_empty() {
         waited = true;
-        if !warned_leaseless {
-            if let Some(b) = position.waiting_on.iter().find(|b| b.lease == 0) {
-                warned_leaseless = true;
-                tracing::warn!(
-                    key = %entry.key, blocker = %show(&b.key),
-                    "waiting behind a key without a lease: it goes only when someone deletes it"
-                );
-            }
-        }
         tracing::debug!(
             key = %entry.key,
             blockers = ?position.waiting_on.iter().map(|b| show(&b.key)).collect::<Vec<_>>(),

@@ -2,6 +2,8 @@
 //! and waiting on conditions with deadlines instead of sleeping.
 #![allow(dead_code)]
 
+pub mod occupancy;
+
 use std::future::Future;
 use std::time::Duration;
 
