@@ -374,6 +374,31 @@ impl LockGuard {
     }
 }
 
+impl LockGuard {
+    /// Releases like [`unlock`](Self::unlock), through a shared reference. When the delete gets
+    /// no answer nothing changes: the guard still holds (and its `Drop` still releases), so the
+    /// caller may retry. After a success, or once the key is found gone, later calls report
+    /// [`Error::NotHeld`].
+    pub(crate) async fn release_in_place(&self) -> Result<()> {
+        if self.released.load(Ordering::Acquire) {
+            return Err(Error::NotHeld {
+                key: self.entry.key.clone(),
+            });
+        }
+        let state = self.session.state();
+        let deleted =
+            wait::release(&self.session, &self.entry.key, Some(self.entry.create_rev)).await?;
+        self.released.store(true, Ordering::Release);
+        match (deleted, state) {
+            (true, SessionState::Alive) => Ok(()),
+            (true, other) => Err(other.error().unwrap_or(Error::SessionClosed)),
+            (false, _) => Err(Error::NotHeld {
+                key: self.entry.key.clone(),
+            }),
+        }
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if !self.released.swap(true, Ordering::AcqRel) {

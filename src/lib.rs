@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 mod connect;
+mod election;
 mod error;
 mod guard;
 mod keys;
@@ -18,6 +19,9 @@ mod wait;
 pub mod testing;
 
 pub use connect::{connect, Connect, DEFAULT_DIAL_TIMEOUT};
+pub use election::{
+    Election, ElectionObserver, LeaderEvent, LeaderEvents, LeaderInfo, LeaderTerm, Leadership,
+};
 pub use error::{BoxError, Error, Result};
 pub use guard::LockGuard;
 pub use keys::MAX_NAME_LEN;
