@@ -15,13 +15,12 @@ use etcd_client::{
 };
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::guard::LockGuard;
-use crate::keys::{participant_key, prefix, prefix_end, show, validate_name};
-use crate::session::{with_timeout, Backoff, ExpiredCause, Session, DEFAULT_REQUEST_TIMEOUT};
-use crate::wait::{self, Blockers, Entry, PendingKey};
+use crate::guard::{Acquire, LockGuard};
+use crate::keys::{prefix, prefix_end, show, validate_name};
+use crate::session::{with_timeout, Backoff, Session, DEFAULT_REQUEST_TIMEOUT};
+use crate::wait::{self, Blockers, Entry};
 
 /// The largest value (proposal or proclamation) accepted, in bytes. etcd refuses requests over
 /// 1.5 MiB by default; a leader's value is meant to be small (an address, an id).
@@ -50,15 +49,6 @@ fn validate_value(value: &[u8]) -> Result<()> {
 
 /// A put bound to a lease that the server no longer has: the session ended, whether or not its
 /// keepalive has noticed yet.
-fn lease_gone(e: Error) -> Error {
-    match e {
-        Error::Etcd { ref message, .. } if message.contains("lease not found") => {
-            Error::SessionExpired(ExpiredCause::NotFound)
-        }
-        e => e,
-    }
-}
-
 fn malformed(what: &str) -> Error {
     Error::Etcd {
         message: format!("unexpected reply from etcd: {what}"),
@@ -225,27 +215,19 @@ impl Election {
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership> {
         let value = value.into();
         validate_value(&value)?;
-        let session = &self.session;
-        session.check_alive()?;
-        let key = participant_key(&self.observer.prefix, session.lease_id());
-        let span = tracing::debug_span!("campaign", name = %self.name(), key = %key);
-        async {
-            tracing::debug!("campaigning");
-            let blockers = Blockers::prefixes([self.observer.prefix.clone()]);
-            let mut pending = PendingKey::new(session, key);
-            let (entry, position) = wait::enqueue(session, &mut pending, &value, &blockers)
-                .await
-                .map_err(lease_gone)?;
-            let revision = wait::wait_turn(session, &entry, &blockers, position).await?;
-            pending.disarm();
-            tracing::info!(token = entry.create_rev, revision, "elected");
-            Ok(Leadership {
-                guard: LockGuard::new(session, entry, revision),
-                name: self.name().to_owned(),
-            })
-        }
-        .instrument(span)
-        .await
+        let blockers = Blockers::prefixes([self.observer.prefix.clone()]);
+        let spec = Acquire {
+            value: &value,
+            ..Acquire::new(self.name(), &self.observer.prefix, blockers)
+        };
+        let guard = LockGuard::acquire(&self.session, spec, |_| Ok(())).await?;
+        tracing::info!(
+            name = %self.name(), key = guard.key(), token = guard.fencing_token(), "elected"
+        );
+        Ok(Leadership {
+            guard,
+            name: self.name().to_owned(),
+        })
     }
 
     /// Takes back a leadership after a restart, from its key and fencing token.

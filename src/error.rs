@@ -146,6 +146,11 @@ impl From<etcd_client::Error> for Error {
                             source: Some(Box::new(e)),
                         }
                     }
+                    // Putting a key on a lease the server no longer has: the session is over,
+                    // whatever the keepalive has seen so far.
+                    Code::NotFound if message.contains("lease not found") => {
+                        Error::SessionExpired(ExpiredCause::NotFound)
+                    }
                     Code::PermissionDenied | Code::Unauthenticated => Error::PermissionDenied {
                         message,
                         source: Some(Box::new(e)),

@@ -357,24 +357,9 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub async fn unlock(self) -> Result<()> {
-        let state = self.session.state();
-        let deleted =
-            wait::release(&self.session, &self.entry.key, Some(self.entry.create_rev)).await;
-        // From here on the guard's Drop has nothing to do, unless the request failed.
-        if deleted.is_ok() {
-            self.released.store(true, Ordering::Release);
-        }
-        match (deleted?, state) {
-            (true, SessionState::Alive) => Ok(()),
-            (true, other) => Err(other.error().unwrap_or(Error::SessionClosed)),
-            (false, _) => Err(Error::NotHeld {
-                key: self.entry.key.clone(),
-            }),
-        }
+        self.release_in_place().await
     }
-}
 
-impl LockGuard {
     /// Releases like [`unlock`](Self::unlock), through a shared reference. When the delete gets
     /// no answer nothing changes: the guard still holds (and its `Drop` still releases), so the
     /// caller may retry. After a success, or once the key is found gone, later calls report

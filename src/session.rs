@@ -529,7 +529,7 @@ impl Session {
         match revoked {
             Ok(_) => Ok(()),
             // Already gone on the server: that is what closing wanted.
-            Err(Error::Etcd { message, .. }) if message.contains("lease not found") => Ok(()),
+            Err(Error::SessionExpired(ExpiredCause::NotFound)) => Ok(()),
             Err(e) => Err(e),
         }
     }
