@@ -3,7 +3,9 @@
 //! placeholder: crate docs are written once the primitives exist.
 #![warn(missing_docs)]
 
+mod cache;
 mod connect;
+mod discovery;
 mod election;
 mod error;
 mod guard;
@@ -18,7 +20,13 @@ mod wait;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "testing")]
+pub use cache::WatchHold;
+pub use cache::{CacheStats, Change, Changes, PrefixCache, PrefixCacheBuilder, Snapshot};
 pub use connect::{connect, Connect, DEFAULT_DIAL_TIMEOUT};
+pub use discovery::{
+    Discovery, Instance, Registration, Registry, RoundRobin, MAX_INSTANCE_VALUE_LEN,
+};
 pub use election::{
     Election, ElectionObserver, LeaderEvent, LeaderEvents, LeaderInfo, LeaderTerm, Leadership,
 };
