@@ -114,7 +114,7 @@ impl Position {
     /// watch only the nearest older key: it is a waiter, and we cannot be let in before it is
     /// let in (its promotion is a put on its key, for P > 1) or leaves (a delete).
     fn new(mut older: Vec<Blocker>, permits: usize, revision: i64) -> Self {
-        older.sort_by(|a, b| b.create_rev.cmp(&a.create_rev));
+        older.sort_by_key(|b| std::cmp::Reverse(b.create_rev));
         older.dedup_by(|a, b| a.key == b.key);
         let (waiting_on, watch_puts) = match older.len() {
             n if n < permits => (Vec::new(), false),
