@@ -8,7 +8,7 @@ use std::time::Duration;
 use etcd_client::{Compare, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use tracing::Instrument;
 
-use crate::error::{Error, Result};
+use crate::error::{header_revision, Error, Result};
 use crate::keys::participant_key;
 use crate::session::{Backoff, Session, SessionState};
 use crate::wait::{self, Blockers, Entry, PendingKey};
@@ -153,14 +153,7 @@ impl LockGuard {
             });
         }
         // Without a revision we cannot fence; `pending` deletes the key on the way out.
-        let revision = resp
-            .header()
-            .map(|h| h.revision())
-            .ok_or_else(|| Error::Etcd {
-                message: "unexpected reply from etcd: a response without a header".into(),
-                source: None,
-                retryable: true,
-            })?;
+        let revision = header_revision(resp.header())?;
         pending.disarm();
         tracing::debug!(name, key = %key, token = revision, "acquired without waiting");
         let entry = Entry {

@@ -18,7 +18,7 @@ use etcd_client::{
     TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{header_revision, Error, Result};
 use crate::keys::{prefix_end, show};
 use crate::session::{Backoff, Session};
 
@@ -302,17 +302,7 @@ where
 }
 
 fn revision(resp: &TxnResponse) -> Result<i64> {
-    resp.header()
-        .map(|h| h.revision())
-        .ok_or_else(|| malformed("a response without a header"))
-}
-
-fn malformed(what: &str) -> Error {
-    Error::Etcd {
-        message: format!("unexpected reply from etcd: {what}"),
-        source: None,
-        retryable: true,
-    }
+    header_revision(resp.header())
 }
 
 /// The keys older than `me` among the range reads of a transaction response.
@@ -380,7 +370,7 @@ pub(crate) async fn enqueue(
             TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.create_revision()),
             _ => None,
         })
-        .ok_or_else(|| malformed("a failed put-if-absent without the existing key"))?;
+        .ok_or_else(|| Error::malformed("a failed put-if-absent without the existing key"))?;
     pending.create_rev = Some(existing);
     let entry = Entry {
         key,
