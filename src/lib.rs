@@ -3,7 +3,9 @@
 //! placeholder: crate docs are written once the primitives exist.
 #![warn(missing_docs)]
 
+mod barrier;
 mod connect;
+mod double_barrier;
 mod error;
 mod guard;
 mod keys;
@@ -14,7 +16,9 @@ mod wait;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use barrier::{Barrier, BarrierHold};
 pub use connect::{connect, Connect, DEFAULT_DIAL_TIMEOUT};
+pub use double_barrier::{BarrierRound, DoubleBarrier};
 pub use error::{BoxError, Error, Result};
 pub use guard::LockGuard;
 pub use keys::MAX_NAME_LEN;

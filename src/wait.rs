@@ -25,6 +25,11 @@ use crate::session::{Backoff, Session};
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// The pause schedule for re-reading after a failed watch, for callers of [`wake`].
+pub(crate) fn backoff() -> Backoff {
+    Backoff::new(RETRY_MIN, RETRY_MAX)
+}
+
 /// A range of keys whose older members block a waiter.
 #[derive(Debug, Clone)]
 pub(crate) struct Blockers(Vec<(Vec<u8>, Vec<u8>)>);
@@ -179,6 +184,35 @@ pub(crate) fn release_in_background(session: &Session, key: String, create_rev: 
             tracing::warn!(key = %key, "background release gave up; the key goes when its lease ends");
         }
     });
+}
+
+/// Sends one transaction from a background task tracked by the session, so that its outcome
+/// is always learnt: if the caller stops waiting for the answer, `undo` gets it instead.
+///
+/// Dropping an in-flight request does not stop etcd from applying it, so a cleanup sent when
+/// the caller is dropped can overtake the request it means to undo, and then miss the key that
+/// request creates. Seeing the answer first closes that gap.
+pub(crate) async fn detached_txn<U>(
+    session: &Session,
+    operation: &'static str,
+    txn: Txn,
+    undo: U,
+) -> Result<TxnResponse>
+where
+    U: FnOnce(&Session, TxnResponse) + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let s = session.clone();
+    session.spawn_background(async move {
+        let mut client = s.client().clone();
+        let result = s.request(operation, client.txn(txn)).await;
+        if let Err(Ok(resp)) = tx.send(result) {
+            tracing::debug!(operation, "caller gone before the answer; undoing");
+            undo(&s, resp);
+        }
+    });
+    rx.await
+        .unwrap_or_else(|_| Err(malformed("no answer from the request task")))
 }
 
 /// Runs `op` until it succeeds, fails for good, or the session ends.
@@ -391,9 +425,52 @@ pub(crate) async fn wait_turn(
 ///
 /// A retryable error when the stream could not be opened or broke.
 pub(crate) async fn next_delete(session: &Session, keys: &[Vec<u8>], start: i64) -> Result<()> {
-    let opts = WatchOptions::new()
-        .with_start_revision(start)
-        .with_filters([WatchFilterType::NoPut]);
+    next_event(session, keys, start, true).await
+}
+
+/// Waits, while the session lives, for the next event on `keys` at a revision >= `start`
+/// (deletes only, or any change). A broken watch is followed by a backoff pause and then `Ok`,
+/// like an event: either way the caller re-reads, which is what makes waiting robust.
+///
+/// # Errors
+///
+/// The session's error if it ends; non-retryable etcd errors.
+pub(crate) async fn wake(
+    session: &Session,
+    keys: &[Vec<u8>],
+    start: i64,
+    deletes_only: bool,
+    backoff: &mut Backoff,
+) -> Result<()> {
+    let lost = session.lost();
+    tokio::pin!(lost);
+    tokio::select! {
+        state = &mut lost => return Err(state.error().unwrap_or(Error::SessionClosed)),
+        woke = next_event(session, keys, start, deletes_only) => match woke {
+            Ok(()) => {
+                backoff.reset();
+                return Ok(());
+            }
+            Err(e) if !e.is_retryable() => return Err(e),
+            Err(e) => tracing::debug!(error = %e, "watch failed; re-reading"),
+        },
+    }
+    tokio::select! {
+        state = lost => Err(state.error().unwrap_or(Error::SessionClosed)),
+        _ = tokio::time::sleep(backoff.next_delay()) => Ok(()),
+    }
+}
+
+async fn next_event(
+    session: &Session,
+    keys: &[Vec<u8>],
+    start: i64,
+    deletes_only: bool,
+) -> Result<()> {
+    let mut opts = WatchOptions::new().with_start_revision(start);
+    if deletes_only {
+        opts = opts.with_filters([WatchFilterType::NoPut]);
+    }
     let mut client = session.client().clone();
     let mut stream = session
         .request(
@@ -429,7 +506,7 @@ pub(crate) async fn next_delete(session: &Session, keys: &[Vec<u8>], start: i64)
         if resp
             .events()
             .iter()
-            .any(|e| e.event_type() == EventType::Delete)
+            .any(|e| !deletes_only || e.event_type() == EventType::Delete)
         {
             return Ok(());
         }
