@@ -43,9 +43,11 @@
 //! and benchmarks.
 #![warn(missing_docs)]
 
+mod barrier;
 mod cache;
 mod connect;
 mod discovery;
+mod double_barrier;
 mod election;
 mod error;
 mod guard;
@@ -60,6 +62,7 @@ mod wait;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use barrier::{Barrier, BarrierHold};
 #[cfg(feature = "testing")]
 pub use cache::WatchHold;
 pub use cache::{CacheStats, Change, Changes, PrefixCache, PrefixCacheBuilder, Snapshot};
@@ -67,6 +70,7 @@ pub use connect::{connect, Connect, DEFAULT_DIAL_TIMEOUT};
 pub use discovery::{
     Discovery, Instance, Registration, Registry, RoundRobin, MAX_INSTANCE_VALUE_LEN,
 };
+pub use double_barrier::{BarrierRound, DoubleBarrier};
 pub use election::{
     Election, ElectionObserver, LeaderEvent, LeaderEvents, LeaderInfo, LeaderTerm, Leadership,
 };
