@@ -17,6 +17,8 @@ mod semaphore;
 mod session;
 mod wait;
 
+#[cfg(feature = "bench")]
+pub mod bench;
 #[cfg(feature = "testing")]
 pub mod testing;
 
