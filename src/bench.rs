@@ -678,6 +678,10 @@ pub struct BenchResult {
     pub handoff: Option<Percentiles>,
     /// What the run cost on the server.
     pub cost: Cost,
+    /// The share of etcd's watchers that were unsynced (served by its 100 ms catch-up loop
+    /// rather than at once), averaged over samples of `etcd_debugging_mvcc_slow_watcher_total`
+    /// and `etcd_debugging_mvcc_watcher_total` taken every 100 ms while waiters waited.
+    pub unsynced_watchers: Option<f64>,
     /// Workload-specific numbers (e.g. reads and writes of a read-write lock).
     pub extra: Vec<(&'static str, Value)>,
 }
@@ -816,6 +820,9 @@ impl BenchResult {
             .map(|(k, n)| (k.to_string(), json!(round(self.per_op(*n), 3))))
             .collect();
         o.insert("store_ops_per_op".into(), Value::Object(store));
+        if let Some(u) = self.unsynced_watchers {
+            o.insert("unsynced_watchers".into(), json!(round(u, 3)));
+        }
         o.insert(
             "streams_left_open".into(),
             json!(self.cost.streams_left_open),
@@ -1415,6 +1422,32 @@ impl<'a> Bench<'a> {
         })
     }
 
+    /// Runs `work` while sampling, every 100 ms, the share of etcd's watchers that are
+    /// unsynced; `None` if no sample saw a watcher.
+    async fn watch_load<T>(&self, work: impl Future<Output = T>) -> (T, Option<f64>) {
+        let done = tokio_util::sync::CancellationToken::new();
+        let work = async {
+            let out = work.await;
+            done.cancel();
+            out
+        };
+        let sample = async {
+            let (mut slow, mut all) = (0.0, 0.0);
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if let Ok(m) = self.metrics().await {
+                    slow += m.counter("etcd_debugging_mvcc_slow_watcher_total");
+                    all += m.counter("etcd_debugging_mvcc_watcher_total");
+                }
+            }
+            (all > 0.0).then(|| slow / all)
+        };
+        tokio::join!(work, sample)
+    }
+
     /// `n` sessions, each on its own client (its own connection), made concurrently.
     async fn sessions(&self, n: usize) -> Result<Vec<Session>> {
         let one = || async {
@@ -1612,11 +1645,17 @@ impl<'a> Bench<'a> {
                 Ok::<_, Error>((contender.kind(), mine))
             });
         }
-        let mut by_kind: BTreeMap<&'static str, u64> = BTreeMap::new();
-        while let Some(joined) = tasks.join_next().await {
-            let (kind, n) = joined.map_err(join_error)??;
-            *by_kind.entry(kind).or_default() += n;
-        }
+        let (joined, unsynced) = self
+            .watch_load(async {
+                let mut by_kind: BTreeMap<&'static str, u64> = BTreeMap::new();
+                while let Some(joined) = tasks.join_next().await {
+                    let (kind, n) = joined.map_err(join_error)??;
+                    *by_kind.entry(kind).or_default() += n;
+                }
+                Ok::<_, Error>(by_kind)
+            })
+            .await;
+        let by_kind = joined?;
         let elapsed = start.elapsed();
         close(&sessions).await?;
         let cost = probe.finish(self).await?;
@@ -1630,6 +1669,7 @@ impl<'a> Bench<'a> {
             shared.take(),
             cost,
         );
+        result.unsynced_watchers = unsynced;
         if by_kind.len() > 1 {
             result.extra = by_kind.into_iter().map(|(k, n)| (k, json!(n))).collect();
         }
@@ -1689,15 +1729,14 @@ impl<'a> Bench<'a> {
                 }
             });
         }
-        while let Some(joined) = tasks.join_next().await {
-            joined.map_err(join_error)??;
-        }
+        let (joined, unsynced) = self.watch_load(join_all(&mut tasks)).await;
+        joined?;
         let elapsed = start.elapsed();
         close(&sessions).await?;
         let cost = probe.finish(self).await?;
         let samples = shared.take();
         let ops = samples.latency.len() as u64;
-        Ok(result(
+        let mut result = result(
             workload,
             implementation,
             ops,
@@ -1705,7 +1744,9 @@ impl<'a> Bench<'a> {
             "resign call to the next campaign returned",
             samples,
             cost,
-        ))
+        );
+        result.unsynced_watchers = unsynced;
+        Ok(result)
     }
 
     async fn waiters_scale(
@@ -1767,9 +1808,8 @@ impl<'a> Bench<'a> {
         let start = Instant::now();
         *shared.last_release() = Some(start);
         bounded("unlock", holder.unlock()).await?;
-        while let Some(joined) = tasks.join_next().await {
-            joined.map_err(join_error)??;
-        }
+        let (joined, unsynced) = self.watch_load(join_all(&mut tasks)).await;
+        joined?;
         let elapsed = start.elapsed();
         close(&sessions).await?;
         close(std::slice::from_ref(&holder_session)).await?;
@@ -1791,6 +1831,7 @@ impl<'a> Bench<'a> {
         ];
         // Releases in the window: the first holder's and every waiter's.
         result.extra = vec![("releases", json!(waiters + 1))];
+        result.unsynced_watchers = unsynced;
         Ok(result)
     }
 }
@@ -1817,8 +1858,17 @@ fn result(
         wait: optional(samples.wait),
         handoff: optional(samples.handoff),
         cost,
+        unsynced_watchers: None,
         extra: Vec::new(),
     }
+}
+
+/// Waits for every task, failing with the first error.
+async fn join_all(tasks: &mut JoinSet<Result<()>>) -> Result<()> {
+    while let Some(joined) = tasks.join_next().await {
+        joined.map_err(join_error)??;
+    }
+    Ok(())
 }
 
 async fn close(sessions: &[Session]) -> Result<()> {
@@ -1866,6 +1916,9 @@ fn row(r: &BenchResult) -> String {
     }
     if let Some(h) = r.handoff {
         notes.push(format!("handoff p50/p99 {}/{} ms", ms(h.p50), ms(h.p99)));
+    }
+    if let Some(u) = r.unsynced_watchers {
+        notes.push(format!("unsynced watchers {:.0}%", u * 100.0));
     }
     format!(
         "{:<18} {:<21} {:<28} {:>6} {:>9.1} {:>8} {:>8} {:>7.2} {:>7.2} {:>6.2}  {}",
@@ -2209,6 +2262,9 @@ fn markdown(report: &Report, options: &BenchOptions) -> String {
         }
         if let Some(h) = r.handoff {
             notes.push(format!("handoff p50/p99 {}/{} ms", ms(h.p50), ms(h.p99)));
+        }
+        if let Some(u) = r.unsynced_watchers {
+            notes.push(format!("unsynced watchers {:.0}%", u * 100.0));
         }
         for (k, v) in &r.extra {
             notes.push(format!("{k} {v}"));
