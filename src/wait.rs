@@ -324,8 +324,20 @@ where
     }
 }
 
-fn revision(resp: &TxnResponse) -> Result<i64> {
+/// The revision of a transaction response.
+pub(crate) fn revision(resp: &TxnResponse) -> Result<i64> {
     header_revision(resp.header())
+}
+
+/// The range reads of a transaction response, in order.
+pub(crate) fn gets(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
+    resp.op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The keys older than `me` among the range reads of a transaction response.
@@ -569,6 +581,26 @@ pub(crate) async fn next_change(
             .map_err(Error::from)?;
     }
     loop {
+        match next_events(&mut stream).await? {
+            // Cancelled by the server (compaction and the like): the caller re-reads.
+            None => return Ok(()),
+            Some(events) if !events.is_empty() => return Ok(()),
+            Some(_) => {}
+        }
+    }
+}
+
+/// The next batch of events on `stream` (all events of one revision arrive together), skipping
+/// responses without any, or `None` when the server cancelled a watch (compaction and the
+/// like), after which the caller re-reads.
+///
+/// # Errors
+///
+/// A retryable error when the stream broke.
+async fn next_events(
+    stream: &mut etcd_client::WatchStream,
+) -> Result<Option<Vec<etcd_client::Event>>> {
+    loop {
         let resp = match stream.message().await {
             Ok(Some(resp)) => resp,
             Ok(None) => {
@@ -585,10 +617,46 @@ pub(crate) async fn next_change(
                 reason = resp.cancel_reason(),
                 "watch cancelled by the server; re-reading"
             );
-            return Ok(());
+            return Ok(None);
         }
         if !resp.events().is_empty() {
-            return Ok(());
+            return Ok(Some(resp.events().to_vec()));
         }
+    }
+}
+
+/// A watch on every key under a prefix, for primitives that react to puts as well as deletes
+/// (queues). The caller decides which events matter.
+pub(crate) struct PrefixWatch {
+    stream: etcd_client::WatchStream,
+}
+
+/// Opens a watch on every key under `prefix`, from revision `start`.
+///
+/// # Errors
+///
+/// A retryable error when the stream could not be opened.
+pub(crate) async fn watch_prefix(
+    session: &Session,
+    prefix: &str,
+    start: i64,
+) -> Result<PrefixWatch> {
+    let opts = WatchOptions::new().with_prefix().with_start_revision(start);
+    let mut client = session.client().clone();
+    let stream = session
+        .request("opening a watch", client.watch(prefix, Some(opts)))
+        .await?;
+    Ok(PrefixWatch { stream })
+}
+
+impl PrefixWatch {
+    /// The next batch of events (all events of one revision arrive together), or `None` when the
+    /// server cancelled the watch (compaction and the like), after which the caller re-reads.
+    ///
+    /// # Errors
+    ///
+    /// A retryable error when the stream broke.
+    pub(crate) async fn next(&mut self) -> Result<Option<Vec<etcd_client::Event>>> {
+        next_events(&mut self.stream).await
     }
 }
