@@ -81,6 +81,8 @@ workloads and parameters [defaults]:
   rwlock-mixed       --readers [6] --writers [2] --ops [400]
   semaphore          --contenders [8] --permits [3] --ops [400]
   waiters-scale      --waiters [10,100,1000] --sessions [10]  handoffs through W queued waiters
+  queue              --producers [2] --consumers [4] --items [400]       push -> pop
+  work-queue         --producers [2] --consumers [1,8] --items [400]     push -> claim -> ack
 
 mutex-uncontended, mutex-contended and election-handoff also run on etcd's server-side
 Lock / Election services (impl etcd-server-lock / etcd-server-election) on the same server.
@@ -106,6 +108,9 @@ const WORKLOAD_BOUND: Duration = Duration::from_secs(180);
 const DRAIN_BOUND: Duration = Duration::from_secs(10);
 /// Slack on exact per-operation request counts (a retried request shows as 1/ops).
 const EPS: f64 = 0.01;
+/// How much more a job may cost with many consumers than with one: competing consumers that
+/// pick the same job spend a failed claim and a re-read, which the work queue keeps rare.
+const WORK_QUEUE_SLACK: f64 = 0.05;
 /// gRPC methods of a session's lifecycle rather than of the primitive's work.
 const SESSION_METHODS: &[&str] = &[
     "LeaseGrant",
@@ -186,13 +191,32 @@ pub enum Workload {
         /// Sessions the waiters are spread over.
         sessions: usize,
     },
+    /// A FIFO [`Queue`](crate::Queue): `producers` sessions push `items` in all while, for each
+    /// C in `consumers`, C sessions pop them. One operation is one item, pushed and popped.
+    Queue {
+        /// Sessions pushing.
+        producers: usize,
+        /// Numbers of consumers to measure, one run each.
+        consumers: Vec<usize>,
+        /// Items per run.
+        items: u64,
+    },
+    /// A [`WorkQueue`](crate::WorkQueue), as [`Workload::Queue`]; consumers claim and ack.
+    WorkQueue {
+        /// Sessions pushing.
+        producers: usize,
+        /// Numbers of consumers to measure, one run each.
+        consumers: Vec<usize>,
+        /// Jobs per run.
+        items: u64,
+    },
 }
 
 impl Workload {
     /// Every workload with its default parameters, in the order they run.
     ///
     /// ```
-    /// assert_eq!(etcd_coord::bench::Workload::defaults().len(), 7);
+    /// assert_eq!(etcd_coord::bench::Workload::defaults().len(), 9);
     /// ```
     pub fn defaults() -> Vec<Workload> {
         WORKLOAD_NAMES
@@ -216,6 +240,8 @@ impl Workload {
             Workload::RwLockMixed { .. } => "rwlock-mixed",
             Workload::Semaphore { .. } => "semaphore",
             Workload::WaitersScale { .. } => "waiters-scale",
+            Workload::Queue { .. } => "queue",
+            Workload::WorkQueue { .. } => "work-queue",
         }
     }
 
@@ -257,6 +283,20 @@ impl Workload {
             Workload::WaitersScale { waiters, sessions } => {
                 vec![("waiters", json!(waiters)), ("sessions", json!(sessions))]
             }
+            Workload::Queue {
+                producers,
+                consumers,
+                items,
+            }
+            | Workload::WorkQueue {
+                producers,
+                consumers,
+                items,
+            } => vec![
+                ("producers", json!(producers)),
+                ("consumers", json!(consumers)),
+                ("items", json!(items)),
+            ],
         }
     }
 
@@ -314,6 +354,16 @@ impl Workload {
                 waiters: p.list("waiters", &[10, 100, 1_000], 10_000)?,
                 sessions: p.count("sessions", 10, 1_000)? as usize,
             },
+            "queue" => Workload::Queue {
+                producers: p.count("producers", 2, 1_000)? as usize,
+                consumers: p.list("consumers", &[4], 1_000)?,
+                items: p.count("items", 400, 1_000_000)?,
+            },
+            "work-queue" => Workload::WorkQueue {
+                producers: p.count("producers", 2, 1_000)? as usize,
+                consumers: p.list("consumers", &[1, 8], 1_000)?,
+                items: p.count("items", 400, 1_000_000)?,
+            },
             other => {
                 return Err(Error::invalid(
                     "workload",
@@ -337,6 +387,8 @@ const WORKLOAD_NAMES: &[&str] = &[
     "rwlock-mixed",
     "semaphore",
     "waiters-scale",
+    "queue",
+    "work-queue",
 ];
 
 /// The `--PARAM VALUE` pairs given to one workload, consumed as the workload reads them.
@@ -1389,6 +1441,34 @@ impl Won {
     }
 }
 
+/// A producer's or consumer's handle on the queue of a queue workload.
+enum QueueHandle {
+    Fifo(crate::Queue),
+    Work(crate::WorkQueue),
+}
+
+impl QueueHandle {
+    async fn push(&self, value: Vec<u8>) -> Result<()> {
+        match self {
+            QueueHandle::Fifo(q) => bounded("push", q.push(value)).await,
+            QueueHandle::Work(q) => bounded("push", q.push(value)).await.map(|_| ()),
+        }
+    }
+
+    /// The next item: popped, or claimed and acknowledged.
+    async fn take(&self) -> Result<Vec<u8>> {
+        match self {
+            QueueHandle::Fifo(q) => bounded("pop", q.pop()).await,
+            QueueHandle::Work(q) => {
+                let claim = bounded("claim", q.claim()).await?;
+                let payload = claim.payload().to_vec();
+                bounded("ack", claim.ack()).await?;
+                Ok(payload)
+            }
+        }
+    }
+}
+
 /// The context of one benchmark run: the server, and a key prefix no one else uses.
 struct Bench<'a> {
     cluster: &'a EtcdCluster,
@@ -1420,6 +1500,95 @@ impl<'a> Bench<'a> {
         Ok(Probe {
             before: self.metrics().await?,
         })
+    }
+
+    /// Producers push `items` in all (each value is its push time) while `consumers` take them
+    /// (pop, or claim and ack) until all are taken; the latency of an item runs from its push
+    /// call to the end of its pop or ack.
+    async fn queue(
+        &self,
+        workload: &Workload,
+        producers: usize,
+        consumers: usize,
+        items: u64,
+    ) -> Result<BenchResult> {
+        let name = self.name(&format!("{}-{consumers}", workload.name()));
+        let sessions = self.sessions(producers + consumers).await?;
+        let work = matches!(workload, Workload::WorkQueue { .. });
+        let handles = sessions
+            .iter()
+            .map(|s| {
+                Ok(if work {
+                    QueueHandle::Work(crate::WorkQueue::new(s, &name)?)
+                } else {
+                    QueueHandle::Fifo(crate::Queue::new(s, &name)?)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shared = Arc::new(Shared::default());
+        let all_taken = tokio_util::sync::CancellationToken::new();
+        let probe = self.probe().await?;
+        let base = Instant::now();
+        let mut tasks = JoinSet::new();
+        for (i, handle) in handles.into_iter().enumerate() {
+            let shared = shared.clone();
+            let all_taken = all_taken.clone();
+            if i < producers {
+                let mine =
+                    items / producers as u64 + u64::from((i as u64) < items % producers as u64);
+                tasks.spawn(async move {
+                    for _ in 0..mine {
+                        let pushed = base.elapsed().as_nanos() as u64;
+                        handle.push(pushed.to_le_bytes().to_vec()).await?;
+                    }
+                    Ok(())
+                });
+                continue;
+            }
+            tasks.spawn(async move {
+                loop {
+                    let value = tokio::select! {
+                        _ = all_taken.cancelled() => return Ok(()),
+                        value = handle.take() => value?,
+                    };
+                    let pushed = <[u8; 8]>::try_from(value.as_slice())
+                        .map(u64::from_le_bytes)
+                        .map_err(|_| {
+                            Error::Conflict("a queue item that this run did not push".into())
+                        })?;
+                    let latency = base.elapsed().saturating_sub(Duration::from_nanos(pushed));
+                    shared.samples().latency.push(latency);
+                    if shared.done.fetch_add(1, Ordering::AcqRel) + 1 >= items {
+                        all_taken.cancel();
+                    }
+                }
+            });
+        }
+        let (joined, unsynced) = self.watch_load(join_all(&mut tasks)).await;
+        joined?;
+        let elapsed = base.elapsed();
+        close(&sessions).await?;
+        let cost = probe.finish(self).await?;
+        let mut result = result(
+            workload,
+            Impl::Coord,
+            shared.done.load(Ordering::Acquire),
+            elapsed,
+            if work {
+                "push call to ack returned"
+            } else {
+                "push call to pop returned"
+            },
+            shared.take(),
+            cost,
+        );
+        result.params = vec![
+            ("producers", json!(producers)),
+            ("consumers", json!(consumers)),
+            ("items", json!(items)),
+        ];
+        result.unsynced_watchers = unsynced;
+        Ok(result)
     }
 
     /// Runs `work` while sampling, every 100 ms, the share of etcd's watchers that are
@@ -1525,6 +1694,22 @@ impl<'a> Bench<'a> {
                 let mut out = Vec::new();
                 for w in waiters {
                     out.push(self.waiters_scale(workload, *w, *sessions).await?);
+                }
+                out
+            }
+            Workload::Queue {
+                producers,
+                consumers,
+                items,
+            }
+            | Workload::WorkQueue {
+                producers,
+                consumers,
+                items,
+            } => {
+                let mut out = Vec::new();
+                for c in consumers {
+                    out.push(self.queue(workload, *producers, *c, *items).await?);
                 }
                 out
             }
@@ -2111,6 +2296,33 @@ fn checks(results: &[BenchResult], elapsed: Duration, workloads: &[Workload]) ->
                 ),
                 b <= a + 0.05 && eb <= ea + 0.05,
                 format!("requests {a:.3} -> {b:.3}, watch events {ea:.3} -> {eb:.3} per handoff"),
+            );
+        }
+    }
+    let jobs: Vec<&BenchResult> = results
+        .iter()
+        .filter(|r| r.workload == "work-queue")
+        .collect();
+    let consumers = |r: &BenchResult| r.param("consumers").unwrap_or(0);
+    if let (Some(few), Some(many)) = (
+        jobs.iter().min_by_key(|r| consumers(r)),
+        jobs.iter().max_by_key(|r| consumers(r)),
+    ) {
+        if consumers(many) > consumers(few) {
+            let (a, b) = (few.work_per_op(), many.work_per_op());
+            cost(
+                format!(
+                    "work-queue requests per job do not grow from {} to {} consumers",
+                    consumers(few),
+                    consumers(many)
+                ),
+                b <= a * (1.0 + WORK_QUEUE_SLACK),
+                format!(
+                    "{a:.3} ({}) -> {b:.3} ({}) per job; allowed: +{:.0}%",
+                    methods(few),
+                    methods(many),
+                    WORK_QUEUE_SLACK * 100.0
+                ),
             );
         }
     }
