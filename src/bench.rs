@@ -2254,8 +2254,10 @@ fn checks(results: &[BenchResult], elapsed: Duration, workloads: &[Workload]) ->
     if let Some(r) = find("mutex-contended", IMPL_COORD) {
         let per_op = r.work_per_op();
         cost(
-            "contended acquisition <= 4 requests (join, watch, one wake-up check, release)".into(),
-            per_op <= 4.0 + EPS,
+            "contended acquisition <= 5 requests (join, watch, a re-read only if the queue \
+             changed between the read and the watch, one wake-up check, release)"
+                .into(),
+            per_op <= 5.0 + EPS,
             format!("{per_op:.3} per acquisition ({})", methods(r)),
         );
     }
@@ -2566,18 +2568,15 @@ const UNCONTENDED_ANALYSIS: &str = "Uncontended, both sides commit twice per loc
     two transactions, the server's Lock and Unlock, each one raft proposal), so both are bounded \
     by the same commits and differ only by client overhead and noise.";
 
-const WATCH_START_ANALYSIS: &str = "A waiter reads the queue at revision R and then watches the \
-    key ahead of it from R + 1. etcd serves a watch at once only if it starts above the store's \
-    current revision when it is created; otherwise the watch is unsynced and gets its events from \
-    the catch-up loop that runs every 100 ms. Under contention the other participants write (join \
-    the queue, release) between a waiter's read and its watch's creation most of the time, so our \
-    waiters' watches are often unsynced too, and a handoff to such a waiter waits for the loop. \
-    etcd's server-side services watch from R itself, so all of theirs are unsynced. The fix \
-    belongs in `src/wait.rs`: open the watch first without a start revision (always synced: it \
-    sees everything after its creation), then run the check transaction (it sees everything up \
-    to its own, later, revision) and wait only if the key ahead is still there; the check can be \
-    skipped when the watch's creation revision equals R. That costs one more transaction per \
-    wait when something was written in between, and removes the 100 ms stalls.";
+const WATCH_START_ANALYSIS: &str = "etcd serves a watch at once only if it starts above the \
+    store's current revision when it is created; otherwise the watch is unsynced and gets its \
+    events from the catch-up loop that runs every 100 ms. etcd's server-side services (like Go's \
+    client) watch from the revision of their read, so under contention nearly all of their \
+    waiters' watches are unsynced and most handoffs wait for that loop. Our waiters open their \
+    watch without a start revision (always synced) and read the queue again only when something \
+    was written between their read and the watch's creation; if the unsynced share of ours is \
+    above zero, or throughput is still short, the machine's load (other processes on its two \
+    cores) is the next suspect.";
 
 const WORK_QUEUE_ANALYSIS: &str = "A lone consumer spends exactly push 1 + read 1 + claim 1 + \
     ack 1. With several, a claim can lose the race for a job to another consumer (one more \
