@@ -1,0 +1,667 @@
+//! The `etcd-coord` command line, run as a built binary against real etcd: it excludes and
+//! agrees with `etcdctl lock`/`etcdctl elect`, passes the lock to its command, stops the command
+//! when the lock is lost, cleans up when interrupted, and fails fast with one clear line.
+#![cfg(all(feature = "testing", feature = "cli"))]
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{eventually, keys, session, single, unique, within};
+use etcd_coord::testing::EtcdCluster;
+use etcd_coord::Registry;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+const BOUND: Duration = Duration::from_secs(15);
+const BIN: &str = env!("CARGO_BIN_EXE_etcd-coord");
+
+/// A process under test: its stdout read line by line, its stdin held open until closed.
+struct Proc {
+    what: String,
+    child: Child,
+    out: Lines<BufReader<ChildStdout>>,
+    stdin: Option<ChildStdin>,
+}
+
+fn spawn(what: &str, mut command: Command) -> Proc {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stdin = child.stdin.take();
+    Proc {
+        what: what.to_owned(),
+        child,
+        out,
+        stdin,
+    }
+}
+
+/// `etcd-coord --endpoints ... ARGS`.
+fn coord(etcd: &EtcdCluster, args: &[&str]) -> Proc {
+    let mut command = Command::new(BIN);
+    command
+        .arg(format!("--endpoints={}", etcd.endpoints().join(",")))
+        .args(args);
+    spawn(&format!("etcd-coord {}", args.join(" ")), command)
+}
+
+/// `etcdctl --endpoints ... ARGS` (Debian's etcdctl, API v3).
+fn etcdctl(etcd: &EtcdCluster, args: &[&str]) -> Proc {
+    let mut command = Command::new("etcdctl");
+    command
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoints().join(",")))
+        .args(args);
+    spawn(&format!("etcdctl {}", args.join(" ")), command)
+}
+
+impl Proc {
+    async fn line(&mut self) -> String {
+        let what = format!("{} prints a line", self.what);
+        match within(BOUND, &what, self.out.next_line()).await {
+            Ok(Some(line)) => line,
+            other => panic!("{} printed no line: {other:?}", self.what),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id().expect("still running") as i32
+    }
+
+    fn signal(&self, signo: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid(), signo) }, 0);
+    }
+
+    /// Closes the process's stdin: the commands in these tests hold until they read EOF.
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits for the exit; returns the status code (None if killed by a signal) and stderr.
+    async fn exit(mut self) -> (Option<i32>, String) {
+        let what = format!("{} exits", self.what);
+        let status = within(BOUND, &what, self.child.wait()).await.unwrap();
+        let mut err = String::new();
+        let mut stderr = self.child.stderr.take().unwrap();
+        within(BOUND, &what, stderr.read_to_string(&mut err))
+            .await
+            .unwrap();
+        (status.code(), err)
+    }
+}
+
+fn which(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(cmd).is_file()))
+}
+
+/// A shell command that records when it starts (after `$0.env` gets the lock variables) and,
+/// after holding for `hold`, when it ends: the lines of file `$0`.
+fn timed(hold: &str) -> String {
+    format!(
+        "env | grep ^ETCD_LOCK_ > \"$0.env\"; date +%s%N >> \"$0\"; {hold}; date +%s%N >> \"$0\""
+    )
+}
+
+fn interval(log: &Path) -> (u128, u128) {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{log:?}: {e}"));
+    let v: Vec<u128> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(v.len(), 2, "{log:?} holds {text:?}");
+    (v[0], v[1])
+}
+
+fn lock_env(log: &Path) -> std::collections::HashMap<String, String> {
+    let text = std::fs::read_to_string(log.with_extension("env")).unwrap();
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The lease of a key `NAME/<lease hex>` or `NAME/<lease hex>_<random>`.
+fn lease_of(key: &str, name: &str) -> i64 {
+    let rest = key
+        .strip_prefix(&format!("{name}/"))
+        .unwrap_or_else(|| panic!("{key:?} is not under {name:?}"));
+    let hex = rest.split('_').next().unwrap();
+    i64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("no lease in {key:?}"))
+}
+
+/// Processes of process group `pgid` that are still running (zombies do not count).
+fn running_in_group(pgid: i32) -> Vec<i32> {
+    let mut running = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        if fields.len() > 2 && fields[2] == pgid.to_string() && fields[0] != "Z" {
+            running.push(pid);
+        }
+    }
+    running
+}
+
+fn one_error_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr is not one line: {stderr:?}");
+    assert!(
+        lines[0].starts_with("etcd-coord: error: "),
+        "not an error line: {stderr:?}"
+    );
+    lines[0]
+}
+
+// ---- lock ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_and_etcdctl_lock_never_run_their_commands_at_once() {
+    if !which("etcdctl") {
+        eprintln!("skipped: etcdctl is not installed (Debian package etcd-client)");
+        return;
+    }
+    let (etcd, client) = single().await;
+    let name = unique("cli-lock");
+    let dir = tempfile::tempdir().unwrap();
+    let script = timed("sleep 0.2");
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        for tool in ["coord", "ctl"] {
+            let log = dir.path().join(format!("{tool}{i}"));
+            let args = [
+                "lock",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                &script,
+                log.to_str().unwrap(),
+            ];
+            let p = match tool {
+                "coord" => coord(&etcd, &args),
+                _ => etcdctl(&etcd, &args),
+            };
+            procs.push((log, tool, p));
+        }
+    }
+    let mut held = Vec::new();
+    for (log, tool, p) in procs {
+        let (code, err) = p.exit().await;
+        assert_eq!(code, Some(0), "{tool} failed: {err}");
+        held.push((interval(&log), tool, lock_env(&log)));
+    }
+    held.sort_by_key(|(iv, ..)| *iv);
+    for pair in held.windows(2) {
+        let ((_, end), first, _) = &pair[0];
+        let ((start, _), second, _) = &pair[1];
+        assert!(
+            end <= start,
+            "{first} and {second} ran their commands at the same time"
+        );
+    }
+    // Both tools pass the lock to the command; ours adds the fencing token, and tokens grow
+    // from one holder to the next.
+    let mut last_token = 0;
+    for (_, tool, env) in &held {
+        let key = &env["ETCD_LOCK_KEY"];
+        lease_of(key, &name);
+        let rev: i64 = env["ETCD_LOCK_REV"].parse().unwrap();
+        assert!(rev > 0);
+        if *tool == "coord" {
+            let token: i64 = env["ETCD_LOCK_FENCING_TOKEN"].parse().unwrap();
+            assert!(0 < token && token <= rev, "token {token}, rev {rev}");
+            assert!(token > last_token, "fencing tokens do not grow");
+            last_token = token;
+        }
+    }
+    assert!(keys(&client, &format!("{name}/")).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_without_a_command_prints_its_key_and_releases_it_when_interrupted() {
+    let (etcd, client) = single().await;
+    for signo in [libc::SIGINT, libc::SIGTERM] {
+        let name = unique("cli-hold");
+        let mut p = coord(&etcd, &["lock", &name]);
+        let key = p.line().await;
+        let lease = lease_of(&key, &name);
+        assert_eq!(keys(&client, &format!("{name}/")).await, vec![key.clone()]);
+        p.signal(signo);
+        let (code, err) = p.exit().await;
+        assert_eq!(code, Some(0), "{err}");
+        assert!(keys(&client, &format!("{name}/")).await.is_empty());
+        // The session is closed too: its lease is gone, not left to expire.
+        let ttl = client
+            .clone()
+            .lease_time_to_live(lease, None)
+            .await
+            .unwrap();
+        assert_eq!(ttl.ttl(), -1, "the lease outlived the process");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_interrupted_by_a_signal_leaves_no_key_behind() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-wait");
+    let prefix = format!("{name}/");
+    let mut holder = coord(&etcd, &["lock", &name]);
+    let key = holder.line().await;
+    let waiter = coord(&etcd, &["lock", &name, "--", "true"]);
+    eventually(BOUND, "the waiter queues", || {
+        let (c, p) = (client.clone(), prefix.clone());
+        async move { keys(&c, &p).await.len() == 2 }
+    })
+    .await;
+    waiter.signal(libc::SIGTERM);
+    let (code, err) = waiter.exit().await;
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{err}");
+    assert_eq!(keys(&client, &prefix).await, [key]);
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.exit().await.0, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_stops_the_command_when_its_session_is_revoked() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-lost");
+    // The command ignores SIGTERM, so stopping it takes the SIGKILL after the grace period;
+    // `sleep` is a separate process of its group.
+    let script = "echo \"$ETCD_LOCK_KEY $$\"; trap '' TERM; sleep 30; echo finished";
+    let mut p = coord(
+        &etcd,
+        &[
+            "--ttl",
+            "10",
+            "lock",
+            &name,
+            "--kill-grace",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let line = p.line().await;
+    let (key, pid) = line.split_once(' ').unwrap();
+    let pgid: i32 = pid.parse().unwrap();
+    eventually(BOUND, "sleep runs", || async {
+        running_in_group(pgid).len() == 2
+    })
+    .await;
+
+    let revoked_at = tokio::time::Instant::now();
+    client
+        .clone()
+        .lease_revoke(lease_of(key, &name))
+        .await
+        .unwrap();
+    let (code, err) = p.exit().await;
+    let took = revoked_at.elapsed();
+    assert_eq!(code, Some(75), "{err}");
+    let line = one_error_line(&err);
+    assert!(line.contains("lost lock") && line.contains(key), "{line}");
+    assert!(running_in_group(pgid).is_empty(), "the command survived");
+    // SIGTERM was ignored, so the kill waited for the grace period, and not much longer.
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "stopped after {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_status_is_passed_through_and_bad_input_is_one_line() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-status");
+    let cases: [(&[&str], Option<i32>); 3] = [
+        (&["sh", "-c", "exit 7"], Some(7)),
+        (&["sh", "-c", "kill -TERM $$"], Some(128 + libc::SIGTERM)),
+        (&["/nonexistent/command"], Some(127)),
+    ];
+    for (command, want) in cases {
+        let mut args = vec!["lock", name.as_str(), "--"];
+        args.extend_from_slice(command);
+        let (code, err) = coord(&etcd, &args).exit().await;
+        assert_eq!(code, want, "{command:?}: {err}");
+        if want == Some(127) {
+            assert!(
+                one_error_line(&err).contains("/nonexistent/command"),
+                "{err}"
+            );
+        }
+    }
+    assert!(keys(&client, &format!("{name}/")).await.is_empty());
+
+    for (args, arg) in [
+        (&["lock", ""][..], "name"),
+        (&["lock", "trailing/"][..], "name"),
+        (&["--ttl", "0", "lock", "x"][..], "ttl"),
+    ] {
+        let (code, err) = coord(&etcd, args).exit().await;
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(one_error_line(&err).contains(arg), "{err}");
+    }
+}
+
+// ---- elect --------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elect_listen_prints_leaders_set_by_etcdctl_and_by_etcd_coord() {
+    if !which("etcdctl") {
+        eprintln!("skipped: etcdctl is not installed (Debian package etcd-client)");
+        return;
+    }
+    let (etcd, client) = single().await;
+    let name = unique("cli-elect");
+    let mut listen = coord(&etcd, &["elect", "--listen", &name]);
+    assert_eq!(listen.line().await, "no leader");
+
+    let mut ctl = etcdctl(&etcd, &["elect", &name, "ctl-1"]);
+    let ctl_key = ctl.line().await;
+    assert_eq!(
+        listen.line().await,
+        format!("elected {ctl_key} ctl-1"),
+        "etcdctl's leader"
+    );
+
+    let mut ours = coord(&etcd, &["elect", &name, "coord 1"]);
+    eventually(BOUND, "our candidate queues", || {
+        let (c, p) = (client.clone(), format!("{name}/"));
+        async move { keys(&c, &p).await.len() == 2 }
+    })
+    .await;
+    ctl.signal(libc::SIGTERM); // etcdctl resigns
+    let our_key = ours.line().await;
+    assert_eq!(listen.line().await, format!("elected {our_key} coord 1"));
+
+    ours.signal(libc::SIGTERM); // we resign
+    assert_eq!(ours.exit().await.0, Some(0));
+    assert_eq!(listen.line().await, "no leader");
+    listen.signal(libc::SIGINT);
+    assert_eq!(listen.exit().await.0, Some(0));
+    let _ = ctl.exit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elect_runs_its_command_only_while_leading() {
+    let (etcd, _client) = single().await;
+    let name = unique("cli-lead");
+    let dir = tempfile::tempdir().unwrap();
+    // Each command holds until its stdin (the test's pipe, inherited) is closed.
+    let script = timed("cat > /dev/null");
+    let (log_a, log_b) = (dir.path().join("a"), dir.path().join("b"));
+    let mut a = coord(
+        &etcd,
+        &[
+            "elect",
+            &name,
+            "a",
+            "--",
+            "sh",
+            "-c",
+            &script,
+            log_a.to_str().unwrap(),
+        ],
+    );
+    eventually(BOUND, "a's command runs", || async { log_a.exists() }).await;
+    let mut b = coord(
+        &etcd,
+        &[
+            "elect",
+            &name,
+            "b",
+            "--",
+            "sh",
+            "-c",
+            &script,
+            log_b.to_str().unwrap(),
+        ],
+    );
+    if which("etcdctl") {
+        // etcdctl's observer agrees that `a` leads.
+        let mut ctl = etcdctl(&etcd, &["elect", "--listen", &name]);
+        let key = ctl.line().await;
+        assert_eq!(key, lock_env(&log_a)["ETCD_LOCK_KEY"]);
+        assert_eq!(ctl.line().await, "a");
+    }
+    a.close_stdin();
+    let (code, err) = a.exit().await;
+    assert_eq!(code, Some(0), "{err}");
+    eventually(BOUND, "b's command runs", || async { log_b.exists() }).await;
+    b.close_stdin();
+    assert_eq!(b.exit().await.0, Some(0));
+
+    let (ia, ib) = (interval(&log_a), interval(&log_b));
+    assert!(ia.1 <= ib.0, "b ran while a led");
+    let token = |log: &Path| {
+        lock_env(log)["ETCD_LOCK_FENCING_TOKEN"]
+            .parse::<i64>()
+            .unwrap()
+    };
+    assert!(token(&log_b) > token(&log_a));
+}
+
+// ---- rwlock and semaphore -----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rwlock_readers_share_and_a_writer_waits_for_them() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-rw");
+    let dir = tempfile::tempdir().unwrap();
+    let script = timed("cat > /dev/null");
+    let log = |n: &str| dir.path().join(n);
+    let run = |mode: &str, n: &str| {
+        let path = log(n);
+        coord(
+            &etcd,
+            &[
+                "rwlock",
+                &name,
+                mode,
+                "--",
+                "sh",
+                "-c",
+                &script,
+                path.to_str().unwrap(),
+            ],
+        )
+    };
+    let mut r1 = run("--read", "r1");
+    let mut r2 = run("--read", "r2");
+    // Both readers in at once: they share.
+    eventually(BOUND, "both readers run", || async {
+        log("r1").exists() && log("r2").exists()
+    })
+    .await;
+    let mut w = run("--write", "w");
+    eventually(BOUND, "the writer queues", || {
+        let c = client.clone();
+        let prefix = format!("{name}/");
+        async move { keys(&c, &prefix).await.len() == 3 }
+    })
+    .await;
+    r1.close_stdin();
+    r2.close_stdin();
+    eventually(BOUND, "the writer runs", || async { log("w").exists() }).await;
+    w.close_stdin();
+    for p in [r1, r2, w] {
+        assert_eq!(p.exit().await.0, Some(0));
+    }
+    let (r1, r2, w) = (
+        interval(&log("r1")),
+        interval(&log("r2")),
+        interval(&log("w")),
+    );
+    assert!(r1.0 < r2.1 && r2.0 < r1.1, "the readers did not overlap");
+    assert!(w.0 >= r1.1 && w.0 >= r2.1, "the writer ran with a reader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_runs_at_most_its_permits_at_once() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-sem");
+    let dir = tempfile::tempdir().unwrap();
+    let script = timed("cat > /dev/null");
+    let log = |n: &str| dir.path().join(n);
+    let run = |n: &str| {
+        let path = log(n);
+        coord(
+            &etcd,
+            &[
+                "semaphore",
+                &name,
+                "--permits",
+                "2",
+                "--",
+                "sh",
+                "-c",
+                &script,
+                path.to_str().unwrap(),
+            ],
+        )
+    };
+    let mut first = run("1");
+    let mut second = run("2");
+    eventually(BOUND, "two holders run", || async {
+        log("1").exists() && log("2").exists()
+    })
+    .await;
+    let mut third = run("3");
+    eventually(BOUND, "the third queues", || {
+        let c = client.clone();
+        let prefix = format!("{name}/");
+        async move { keys(&c, &prefix).await.len() == 3 }
+    })
+    .await;
+    // Someone who disagrees on the permits is told so in one line.
+    let (code, err) = coord(&etcd, &["semaphore", &name, "--permits", "3", "--", "true"])
+        .exit()
+        .await;
+    assert_eq!(code, Some(1), "{err}");
+    one_error_line(&err);
+
+    first.close_stdin();
+    eventually(BOUND, "the third runs", || async { log("3").exists() }).await;
+    second.close_stdin();
+    third.close_stdin();
+    for p in [first, second, third] {
+        assert_eq!(p.exit().await.0, Some(0));
+    }
+    assert!(
+        interval(&log("3")).0 >= interval(&log("1")).1,
+        "three ran at once"
+    );
+}
+
+// ---- discover -----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discover_prints_instances_and_their_changes() {
+    let (etcd, client) = single().await;
+    let prefix = unique("cli-services");
+    let s = session(&client, 10).await;
+    let registry = Registry::new(&s, prefix.as_str()).unwrap();
+    let one = registry
+        .register(
+            "api",
+            "one",
+            "10.0.0.1:80",
+            serde_json::json!({"zone": "a"}),
+        )
+        .await
+        .unwrap();
+
+    let mut follow = coord(&etcd, &["discover", "api", "--prefix", &prefix]);
+    assert_eq!(follow.line().await, r#"added one 10.0.0.1:80 {"zone":"a"}"#);
+    let two = registry
+        .register("api", "two", "10.0.0.2:80", serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(follow.line().await, "added two 10.0.0.2:80");
+    one.deregister().await.unwrap();
+    assert_eq!(follow.line().await, "removed one");
+
+    let mut once = coord(
+        &etcd,
+        &["discover", "api", "--prefix", &prefix, "--once", "--json"],
+    );
+    let listed: serde_json::Value = serde_json::from_str(&once.line().await).unwrap();
+    assert_eq!(listed["event"], "added");
+    assert_eq!(listed["id"], "two");
+    assert_eq!(listed["address"], "10.0.0.2:80");
+    assert_eq!(once.exit().await.0, Some(0));
+
+    follow.signal(libc::SIGTERM);
+    assert_eq!(follow.exit().await.0, Some(0));
+    two.deregister().await.unwrap();
+    s.close().await.unwrap();
+}
+
+// ---- errors and help ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_endpoints_fail_with_one_line_within_the_dial_timeout() {
+    // A port that refuses, and one that accepts connections but never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = silent.local_addr().unwrap().to_string();
+    for endpoint in ["127.0.0.1:1", silent.as_str()] {
+        let started = tokio::time::Instant::now();
+        let mut command = Command::new(BIN);
+        command.args(["--endpoints", endpoint, "--dial-timeout", "1s", "lock", "x"]);
+        let (code, err) = spawn("etcd-coord", command).exit().await;
+        let took = started.elapsed();
+        assert_eq!(code, Some(1), "{err}");
+        let line = one_error_line(&err);
+        assert!(line.contains("cannot connect to etcd at"), "{line}");
+        assert!(took < Duration::from_secs(3), "{endpoint}: took {took:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_command_has_help_with_examples_and_usage_errors_exit_2() {
+    for args in [
+        &["--help"][..],
+        &["lock", "--help"],
+        &["elect", "--help"],
+        &["rwlock", "--help"],
+        &["semaphore", "--help"],
+        &["discover", "--help"],
+    ] {
+        let out = Command::new(BIN).args(args).output().await.unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("Examples:"),
+            "{args:?} has no examples:\n{text}"
+        );
+    }
+    for args in [
+        &["lock"][..],
+        &["lock", "x", "cmd-without-dashes"],
+        &["rwlock", "x", "--", "true"],
+        &["elect", "x"],
+        &["elect", "--listen", "x", "proposal"],
+        &["semaphore", "x", "--permits", "0"],
+        &["--dial-timeout", "soon", "lock", "x"],
+    ] {
+        let out = Command::new(BIN).args(args).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
