@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{eventually, keys, session, single, unique, within};
 use etcd_coord::testing::EtcdCluster;
@@ -107,9 +107,7 @@ fn which(cmd: &str) -> bool {
 /// A shell command that records when it starts (after `$0.env` gets the lock variables) and,
 /// after holding for `hold`, when it ends: the lines of file `$0`.
 fn timed(hold: &str) -> String {
-    format!(
-        "env | grep ^ETCD_LOCK_ > \"$0.env\"; date +%s%N >> \"$0\"; {hold}; date +%s%N >> \"$0\""
-    )
+    format!("env | grep ^ETCD_ > \"$0.env\"; date +%s%N >> \"$0\"; {hold}; date +%s%N >> \"$0\"")
 }
 
 fn interval(log: &Path) -> (u128, u128) {
@@ -120,11 +118,24 @@ fn interval(log: &Path) -> (u128, u128) {
 }
 
 fn lock_env(log: &Path) -> std::collections::HashMap<String, String> {
+    lock_env_named(log, "ETCD_LOCK_")
+}
+
+/// The variables starting with `prefix` that the command of [`timed`] saw.
+fn lock_env_named(log: &Path, prefix: &str) -> std::collections::HashMap<String, String> {
     let text = std::fs::read_to_string(log.with_extension("env")).unwrap();
     text.lines()
         .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.starts_with(prefix))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 /// The lease of a key `NAME/<lease hex>` or `NAME/<lease hex>_<random>`.
@@ -349,6 +360,20 @@ async fn the_commands_status_is_passed_through_and_bad_input_is_one_line() {
     }
     assert!(keys(&client, &format!("{name}/")).await.is_empty());
 
+    // SIGTERM to etcd-coord reaches the whole command; the lock is released after it exits.
+    let script = "echo $$; sleep 30";
+    let mut p = coord(&etcd, &["lock", &name, "--", "sh", "-c", script]);
+    let pgid: i32 = p.line().await.parse().unwrap();
+    eventually(BOUND, "sleep runs", || async {
+        running_in_group(pgid).len() == 2
+    })
+    .await;
+    p.signal(libc::SIGTERM);
+    let (code, err) = p.exit().await;
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{err}");
+    assert!(running_in_group(pgid).is_empty(), "the command survived");
+    assert!(keys(&client, &format!("{name}/")).await.is_empty());
+
     for (args, arg) in [
         (&["lock", ""][..], "name"),
         (&["lock", "trailing/"][..], "name"),
@@ -570,6 +595,155 @@ async fn semaphore_runs_at_most_its_permits_at_once() {
     );
 }
 
+// ---- barriers -----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barrier_wait_returns_only_when_the_hold_ends() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-gate");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("holder");
+    let leases = || async {
+        let mut c = client.clone();
+        c.leases().await.unwrap().leases().len()
+    };
+    let before = leases().await;
+    let script = timed("cat > /dev/null");
+    let mut holder = coord(
+        &etcd,
+        &[
+            "barrier",
+            "hold",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            &script,
+            log.to_str().unwrap(),
+        ],
+    );
+    eventually(BOUND, "the hold's command runs", || async { log.exists() }).await;
+    let env = lock_env_named(&log, "ETCD_BARRIER_");
+    assert_eq!(env["ETCD_BARRIER_KEY"], name);
+
+    // A second hold fails at once, in one line.
+    let (code, err) = coord(&etcd, &["barrier", "hold", &name]).exit().await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        one_error_line(&err).contains("held by someone else"),
+        "{err}"
+    );
+
+    let waiter = coord(&etcd, &["barrier", "wait", &name]);
+    // The waiter's session exists: it is about to wait, or waiting.
+    eventually(BOUND, "the waiter starts", || async {
+        leases().await > before + 1
+    })
+    .await;
+    let waited = tokio::spawn(async move {
+        let exited = waiter.exit().await;
+        (now_ns(), exited)
+    });
+    holder.close_stdin();
+    assert_eq!(holder.exit().await.0, Some(0));
+    let (waiter_done, (code, err)) = within(BOUND, "the waiter returns", waited).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(waiter_done >= interval(&log).1, "wait returned while held");
+    assert!(keys(&client, &name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_barrier_hold_outlives_the_process_until_released() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-persistent");
+    let mut p = coord(&etcd, &["barrier", "hold", "--persistent", &name]);
+    assert_eq!(p.line().await, name);
+    assert_eq!(p.exit().await.0, Some(0));
+    let resp = client.clone().get(name.as_str(), None).await.unwrap();
+    assert_eq!(resp.kvs().len(), 1, "the hold went with the process");
+    assert_eq!(resp.kvs()[0].lease(), 0, "the hold is bound to a lease");
+
+    for want in ["released", "not held"] {
+        let mut p = coord(&etcd, &["barrier", "release", &name]);
+        assert_eq!(p.line().await, want);
+        assert_eq!(p.exit().await.0, Some(0));
+    }
+    assert!(keys(&client, &name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barrier_enter_starts_commands_together_and_waits_for_all_to_finish() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-meet");
+    let dir = tempfile::tempdir().unwrap();
+    let script = timed("cat > /dev/null");
+    let log = |i: usize| dir.path().join(i.to_string());
+    let enter = |i: usize| {
+        let path = log(i);
+        coord(
+            &etcd,
+            &[
+                "barrier",
+                "enter",
+                &name,
+                "--count",
+                "3",
+                "--",
+                "sh",
+                "-c",
+                &script,
+                path.to_str().unwrap(),
+            ],
+        )
+    };
+    let first = enter(0);
+    let mut others = vec![enter(1)];
+    eventually(BOUND, "two participants wait", || {
+        let (c, p) = (client.clone(), format!("{name}/0/"));
+        async move { keys(&c, &p).await.len() == 2 }
+    })
+    .await;
+    let third_spawned = now_ns();
+    others.push(enter(2));
+    eventually(BOUND, "all three commands run", || async {
+        (0..3).all(|i| log(i).exists())
+    })
+    .await;
+    for i in 0..3 {
+        let env = lock_env_named(&log(i), "ETCD_BARRIER_");
+        assert_eq!(env["ETCD_BARRIER_ROUND"], "0");
+    }
+    let mut first = first;
+    first.close_stdin();
+    let first_done = tokio::spawn(async move {
+        let exited = first.exit().await;
+        (now_ns(), exited)
+    });
+    eventually(BOUND, "the first command ends", || async {
+        std::fs::read_to_string(log(0)).is_ok_and(|t| t.lines().count() == 2)
+    })
+    .await;
+    let others_released = now_ns();
+    for p in &mut others {
+        p.close_stdin();
+    }
+    for p in others {
+        assert_eq!(p.exit().await.0, Some(0));
+    }
+    let (first_exit, (code, err)) = within(BOUND, "the first leaves", first_done).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    for i in 0..3 {
+        assert!(
+            interval(&log(i)).0 >= third_spawned,
+            "{i} started before all were there"
+        );
+    }
+    assert!(
+        first_exit >= others_released,
+        "the first left before the others were done"
+    );
+}
+
 // ---- discover -----------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,6 +817,10 @@ async fn every_command_has_help_with_examples_and_usage_errors_exit_2() {
         &["rwlock", "--help"],
         &["semaphore", "--help"],
         &["discover", "--help"],
+        &["barrier", "hold", "--help"],
+        &["barrier", "release", "--help"],
+        &["barrier", "wait", "--help"],
+        &["barrier", "enter", "--help"],
     ] {
         let out = Command::new(BIN).args(args).output().await.unwrap();
         assert!(out.status.success(), "{args:?}");
@@ -659,6 +837,8 @@ async fn every_command_has_help_with_examples_and_usage_errors_exit_2() {
         &["elect", "x"],
         &["elect", "--listen", "x", "proposal"],
         &["semaphore", "x", "--permits", "0"],
+        &["barrier", "enter", "x", "--count", "0"],
+        &["barrier", "hold", "--persistent", "x", "--", "true"],
         &["--dial-timeout", "soon", "lock", "x"],
     ] {
         let out = Command::new(BIN).args(args).output().await.unwrap();

@@ -22,9 +22,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use etcd_coord::etcd_client::Client;
-use etcd_coord::{Connect, Election, Mutex, RwLock, Semaphore, Session};
+use etcd_coord::{Barrier, Connect, DoubleBarrier, Election, Mutex, RwLock, Semaphore, Session};
 
-use crate::args::{Cli, Command, Global};
+use crate::args::{BarrierCommand, Cli, Command, Global};
 use crate::child::Signals;
 use crate::exit::Failure;
 use crate::hold::Held;
@@ -87,7 +87,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 session = session(g, client) => session?,
                 signo = signals.recv() => return Ok(exit::signaled(signo)),
             };
-            let result = held(&session, command, &mut signals).await;
+            let result = with_session(&session, command, &mut signals).await;
             // On every path, so that nothing of ours stays in etcd (an abandoned waiting key
             // is deleted by a cleanup that closing waits for).
             hold::close(&session).await;
@@ -96,8 +96,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-/// The commands that take something and hold it.
-async fn held(session: &Session, command: &Command, signals: &mut Signals) -> Result<u8, Failure> {
+/// The commands that need a session.
+async fn with_session(
+    session: &Session,
+    command: &Command,
+    signals: &mut Signals,
+) -> Result<u8, Failure> {
     match command {
         Command::Lock { name, hold } => {
             let lock = Mutex::new(session, name.as_str())?;
@@ -145,6 +149,47 @@ async fn held(session: &Session, command: &Command, signals: &mut Signals) -> Re
             let proposal = proposal.clone().unwrap_or_default();
             let acquire = async { election.campaign(proposal).await.map(Held::Leader) };
             let what = format!("leadership of {name:?}");
+            hold::run(session, &what, acquire, hold, signals).await
+        }
+        Command::Barrier(BarrierCommand::Hold {
+            name,
+            persistent,
+            hold,
+        }) => {
+            let barrier = Barrier::new(session, name.as_str())?;
+            let what = format!("barrier {name:?}");
+            if *persistent {
+                let hold = barrier
+                    .hold_persistent()
+                    .await
+                    .map_err(|e| Failure::from(e).context(format_args!("cannot hold {what}")))?;
+                output::line(hold.key()).await?;
+                return Ok(0);
+            }
+            let acquire = async { barrier.hold().await.map(Held::Barrier) };
+            hold::run(session, &what, acquire, hold, signals).await
+        }
+        Command::Barrier(BarrierCommand::Release { name }) => {
+            let barrier = Barrier::new(session, name.as_str())?;
+            let released = barrier.release().await.map_err(|e| {
+                Failure::from(e).context(format_args!("releasing barrier {name:?}"))
+            })?;
+            output::line(if released { "released" } else { "not held" }).await?;
+            Ok(0)
+        }
+        Command::Barrier(BarrierCommand::Wait { name }) => {
+            let barrier = Barrier::new(session, name.as_str())?;
+            tokio::select! {
+                waited = barrier.wait() => waited.map(|()| 0).map_err(|e| {
+                    Failure::from(e).context(format_args!("waiting for barrier {name:?}"))
+                }),
+                signo = signals.recv() => Ok(exit::signaled(signo)),
+            }
+        }
+        Command::Barrier(BarrierCommand::Enter { name, count, hold }) => {
+            let barrier = DoubleBarrier::new(session, name.as_str(), *count)?;
+            let acquire = async { barrier.enter().await.map(Held::Round) };
+            let what = format!("double barrier {name:?}");
             hold::run(session, &what, acquire, hold, signals).await
         }
         Command::Discover { .. } => unreachable!("discover needs no session"),

@@ -59,6 +59,7 @@ pub struct Global {
         long,
         global = true,
         env = "ETCD_ENDPOINTS",
+        hide_env_values = true,
         value_delimiter = ',',
         default_value = "127.0.0.1:2379",
         value_name = "ENDPOINTS"
@@ -100,7 +101,7 @@ pub struct Global {
 
 /// Options of the commands that run a command while holding something.
 #[derive(Debug, Args)]
-pub struct Hold {
+pub struct Holding {
     /// After the lock is lost, how long the command has between SIGTERM and SIGKILL
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub kill_grace: Duration,
@@ -119,7 +120,7 @@ pub enum Command {
         /// The lock's name (a key prefix)
         name: String,
         #[command(flatten)]
-        hold: Hold,
+        hold: Holding,
     },
 
     /// Campaign for leadership and lead until interrupted (or while a command runs), or follow
@@ -138,7 +139,7 @@ pub enum Command {
         #[arg(long, requires = "listen")]
         json: bool,
         #[command(flatten)]
-        hold: Hold,
+        hold: Holding,
     },
 
     /// Hold a reader-writer lock for reading (shared) or writing (exclusive)
@@ -156,7 +157,7 @@ pub enum Command {
         #[arg(long)]
         write: bool,
         #[command(flatten)]
-        hold: Hold,
+        hold: Holding,
     },
 
     /// Hold one of N permits of a counting semaphore
@@ -168,8 +169,12 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         permits: usize,
         #[command(flatten)]
-        hold: Hold,
+        hold: Holding,
     },
+
+    /// Hold a barrier closed, open it, or wait until it opens; or meet at a double barrier
+    #[command(subcommand)]
+    Barrier(BarrierCommand),
 
     /// Print the instances of a service registered under a prefix, then every change
     #[command(after_help = DISCOVER_HELP)]
@@ -187,6 +192,74 @@ pub enum Command {
         json: bool,
     },
 }
+
+#[derive(Debug, Subcommand)]
+pub enum BarrierCommand {
+    /// Close the barrier until interrupted, for as long as a command runs, or (--persistent)
+    /// until someone releases it
+    #[command(after_help = BARRIER_HELP)]
+    Hold {
+        /// The barrier's name (its key)
+        name: String,
+        /// Leave the barrier closed after exiting, until `barrier release NAME`
+        #[arg(long, conflicts_with_all = ["command", "kill_grace"])]
+        persistent: bool,
+        #[command(flatten)]
+        hold: Holding,
+    },
+    /// Open the barrier, whoever closed it
+    #[command(after_help = BARRIER_HELP)]
+    Release {
+        /// The barrier's name (its key)
+        name: String,
+    },
+    /// Wait until the barrier is open
+    #[command(after_help = BARRIER_HELP)]
+    Wait {
+        /// The barrier's name (its key)
+        name: String,
+    },
+    /// Double barrier: wait until COUNT participants are here, run the command, then wait
+    /// until all of them are done
+    #[command(after_help = ENTER_HELP)]
+    Enter {
+        /// The double barrier's name (a key prefix; not the same keys as hold/wait)
+        name: String,
+        /// How many participants make a round; everyone must agree
+        #[arg(long, value_name = "N")]
+        count: usize,
+        #[command(flatten)]
+        hold: Holding,
+    },
+}
+
+const BARRIER_HELP: &str = "\
+A barrier is one key, NAME (the layout of Go's recipes.Barrier): `hold` closes it and fails if it
+is already closed; `wait` returns once it is open; `release` opens it, whoever closed it, and
+prints `released` or `not held`. A plain hold lasts until SIGINT or SIGTERM (the key is printed),
+or for as long as its command runs (with ETCD_BARRIER_KEY and ETCD_BARRIER_REV set), and ends
+with the session if etcd-coord dies; a command whose session is lost is stopped as for `lock`
+(exit 75). A --persistent hold is not bound to any session: it stays until released.
+
+Examples:
+  # workers wait until the input is ready
+  etcd-coord barrier wait etl/input-ready && ./work
+  # the coordinator keeps them waiting while it prepares the input
+  etcd-coord barrier hold etl/input-ready -- ./prepare-input
+  # across separate steps of a script
+  etcd-coord barrier hold --persistent etl/input-ready
+  ./prepare-input; etcd-coord barrier release etl/input-ready";
+
+const ENTER_HELP: &str = "\
+A double barrier: each round starts when COUNT participants have entered, and ends when all of
+them have left. Without a command, `enter` is a meeting point: it returns once COUNT participants
+are there. With a command, it runs the command once the round starts (with ETCD_BARRIER_KEY and
+ETCD_BARRIER_ROUND set), then waits until every member is done, and exits with the command's
+status. A participant whose session is lost has its command stopped, as for `lock` (exit 75).
+
+Examples:
+  # three workers start their stage together and finish it together
+  etcd-coord barrier enter etl/stage-2 --count 3 -- ./stage-2";
 
 const LOCK_HELP: &str = "\
 The lock is the same as Go's concurrency.Mutex and `etcdctl lock NAME`: they exclude each other.
@@ -289,7 +362,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-impl Hold {
+impl Holding {
     /// The command to run, if any.
     pub fn command(&self) -> Option<&[String]> {
         (!self.command.is_empty()).then_some(self.command.as_slice())
@@ -298,10 +371,15 @@ impl Hold {
 
 /// Checks what clap cannot: values that are valid separately but not for etcd.
 pub fn check(cli: &Cli) -> Result<(), exit::Failure> {
-    if let Command::Semaphore { permits: 0, .. } = cli.command {
-        return Err(exit::Failure::usage("--permits must be at least 1"));
+    match cli.command {
+        Command::Semaphore { permits: 0, .. } => {
+            Err(exit::Failure::usage("--permits must be at least 1"))
+        }
+        Command::Barrier(BarrierCommand::Enter { count: 0, .. }) => {
+            Err(exit::Failure::usage("--count must be at least 1"))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,28 +1,52 @@
-//! The commands that hold something (lock, rwlock, semaphore, elect): wait for it, then hold
-//! it until interrupted or for as long as a command runs, and stop the command if it is lost.
+//! The commands that hold something (lock, rwlock, semaphore, elect, barrier hold, barrier
+//! enter): wait for it, then hold it until interrupted or for as long as a command runs, and
+//! stop the command if it is lost.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::process::Stdio;
 use std::time::Duration;
 
-use etcd_coord::{Leadership, LockGuard, Session, SessionState};
+use etcd_coord::{BarrierHold, BarrierRound, Leadership, LockGuard, Session, SessionState};
 
-use crate::args::Hold;
+use crate::args::Holding;
 use crate::child::{Ended, Job, Signals};
 use crate::exit::{self, Failure};
 use crate::output::{line, warn};
 
-/// What is held: a lock-like guard or a leadership (which is one underneath).
+/// What is held.
 pub enum Held {
+    /// A lock-like guard: mutex, reader-writer lock, semaphore permit.
     Lock(LockGuard),
     Leader(Leadership),
+    /// A session-bound barrier hold: waiters are held back while it lasts.
+    Barrier(BarrierHold),
+    /// A sealed round of a double barrier: leaving waits for the other members.
+    Round(BarrierRound),
 }
 
 impl Held {
-    fn guard(&self) -> &LockGuard {
+    fn key(&self) -> &str {
         match self {
-            Held::Lock(g) => g,
-            Held::Leader(l) => l.as_lock_guard(),
+            Held::Lock(g) => g.key(),
+            Held::Leader(l) => l.key(),
+            Held::Barrier(h) => h.key(),
+            Held::Round(r) => r.key(),
+        }
+    }
+
+    /// Completes when what is held is lost. Barriers have no fenced owner to watch; for them
+    /// it is the session that matters (their keys go with its lease).
+    fn lost(&self, session: &Session) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        match self {
+            Held::Lock(g) => Box::pin(g.lost()),
+            Held::Leader(l) => Box::pin(l.lost()),
+            Held::Barrier(_) | Held::Round(_) => {
+                let lost = session.lost();
+                Box::pin(async move {
+                    lost.await;
+                })
+            }
         }
     }
 
@@ -30,18 +54,33 @@ impl Held {
         match self {
             Held::Lock(g) => g.unlock().await,
             Held::Leader(l) => l.resign().await,
+            Held::Barrier(h) => h.release().await,
+            Held::Round(r) => r.leave().await,
         }
     }
 
-    /// The environment of a command run while holding, as `etcdctl lock` sets it, plus the
-    /// fencing token.
+    /// The environment of a command run while holding: for locks and leaderships as
+    /// `etcdctl lock` sets it, plus the fencing token.
     fn env(&self) -> Vec<(&'static str, String)> {
-        let g = self.guard();
-        vec![
-            ("ETCD_LOCK_KEY", g.key().to_owned()),
-            ("ETCD_LOCK_REV", g.acquired_revision().to_string()),
-            ("ETCD_LOCK_FENCING_TOKEN", g.fencing_token().to_string()),
-        ]
+        let lock = |g: &LockGuard| {
+            vec![
+                ("ETCD_LOCK_KEY", g.key().to_owned()),
+                ("ETCD_LOCK_REV", g.acquired_revision().to_string()),
+                ("ETCD_LOCK_FENCING_TOKEN", g.fencing_token().to_string()),
+            ]
+        };
+        match self {
+            Held::Lock(g) => lock(g),
+            Held::Leader(l) => lock(l.as_lock_guard()),
+            Held::Barrier(h) => vec![
+                ("ETCD_BARRIER_KEY", h.key().to_owned()),
+                ("ETCD_BARRIER_REV", h.revision().to_string()),
+            ],
+            Held::Round(r) => vec![
+                ("ETCD_BARRIER_KEY", r.key().to_owned()),
+                ("ETCD_BARRIER_ROUND", r.round().to_string()),
+            ],
+        }
     }
 }
 
@@ -51,7 +90,7 @@ pub async fn run(
     session: &Session,
     what: &str,
     acquire: impl Future<Output = etcd_coord::Result<Held>>,
-    hold: &Hold,
+    hold: &Holding,
     signals: &mut Signals,
 ) -> Result<u8, Failure> {
     let held = tokio::select! {
@@ -60,10 +99,19 @@ pub async fn run(
         // waits for that.
         signo = signals.recv() => return Ok(exit::signaled(signo)),
     };
-    let key = held.guard().key().to_owned();
-    tracing::debug!(%key, token = held.guard().fencing_token(), "holding");
-    let lost = held.guard().lost();
+    let key = held.key().to_owned();
+    tracing::debug!(%key, "holding");
+    let lost = held.lost(session);
     let Some(argv) = hold.command() else {
+        if let Held::Round(_) = held {
+            // Without a command, a double barrier is a meeting point: everyone is here, go.
+            drop(lost);
+            return held
+                .release()
+                .await
+                .map(|()| 0)
+                .map_err(|e| Failure::from(e).context(format_args!("leaving {what}")));
+        }
         line(&key).await?;
         tokio::select! {
             _ = lost => return Err(lost_failure(session, what, &key)),
