@@ -203,6 +203,11 @@ async fn connect(g: &Global) -> Result<Client, Failure> {
         .map(|e| e.trim().to_owned())
         .filter(|e| !e.is_empty())
         .collect();
+    if endpoints.is_empty() {
+        return Err(Failure::usage(
+            "no endpoints: --endpoints (or ETCD_ENDPOINTS) is empty",
+        ));
+    }
     let mut connect = Connect::new(endpoints.clone()).dial_timeout(g.dial_timeout);
     if let Some(path) = &g.cacert {
         connect = connect.ca_cert_pem(read_file(path, "--cacert")?);
