@@ -54,10 +54,12 @@ mod guard;
 mod keys;
 mod multilock;
 mod mutex;
+mod queue;
 mod rwlock;
 mod semaphore;
 mod session;
 mod wait;
+mod work_queue;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -79,11 +81,16 @@ pub use guard::LockGuard;
 pub use keys::MAX_NAME_LEN;
 pub use multilock::{Lockable, MultiGuard, MultiLock};
 pub use mutex::Mutex;
+pub use queue::{PriorityQueue, Queue, DEFAULT_MAX_REQUEST_BYTES};
 pub use rwlock::RwLock;
 pub use semaphore::{Semaphore, MAX_PERMITS};
 pub use session::{
     ExpiredCause, Session, SessionBuilder, SessionState, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,
     MAX_TTL,
+};
+pub use work_queue::{
+    Claim, Consumer, DeadLetter, Job, JobOptions, QueueStats, WorkQueue, WorkQueueBuilder,
+    DEFAULT_BATCH_SIZE, DEFAULT_MAX_ATTEMPTS, MAX_BATCH_SIZE, MAX_CLAIM_BATCH,
 };
 
 /// The etcd client library this crate is built on, re-exported so that callers use the same

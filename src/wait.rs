@@ -592,3 +592,61 @@ pub(crate) async fn next_change(
         }
     }
 }
+
+/// A watch on every key under a prefix, for primitives that react to puts as well as deletes
+/// (queues). The caller decides which events matter.
+pub(crate) struct PrefixWatch {
+    stream: etcd_client::WatchStream,
+}
+
+/// Opens a watch on every key under `prefix`, from revision `start`.
+///
+/// # Errors
+///
+/// A retryable error when the stream could not be opened.
+pub(crate) async fn watch_prefix(
+    session: &Session,
+    prefix: &str,
+    start: i64,
+) -> Result<PrefixWatch> {
+    let opts = WatchOptions::new().with_prefix().with_start_revision(start);
+    let mut client = session.client().clone();
+    let stream = session
+        .request("opening a watch", client.watch(prefix, Some(opts)))
+        .await?;
+    Ok(PrefixWatch { stream })
+}
+
+impl PrefixWatch {
+    /// The next batch of events (all events of one revision arrive together), or `None` when the
+    /// server cancelled the watch (compaction and the like), after which the caller re-reads.
+    ///
+    /// # Errors
+    ///
+    /// A retryable error when the stream broke.
+    pub(crate) async fn next(&mut self) -> Result<Option<Vec<etcd_client::Event>>> {
+        loop {
+            let resp = match self.stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return Err(Error::Unavailable {
+                        message: "the watch stream ended".into(),
+                        source: None,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if resp.canceled() {
+                tracing::debug!(
+                    compact_revision = resp.compact_revision(),
+                    reason = resp.cancel_reason(),
+                    "watch cancelled by the server; re-reading"
+                );
+                return Ok(None);
+            }
+            if !resp.events().is_empty() {
+                return Ok(Some(resp.events().to_vec()));
+            }
+        }
+    }
+}
