@@ -10,9 +10,10 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{eventually, keys, session, single, unique, within};
+use etcd_coord::etcd_client::Client;
 use etcd_coord::testing::EtcdCluster;
-use etcd_coord::Registry;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use etcd_coord::{QueueStats, Registry, WorkQueue};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 const BOUND: Duration = Duration::from_secs(15);
@@ -744,6 +745,165 @@ async fn barrier_enter_starts_commands_together_and_waits_for_all_to_finish() {
     );
 }
 
+// ---- queue --------------------------------------------------------------------------------
+
+async fn queue_stats(client: &Client, name: &str) -> QueueStats {
+    let s = session(client, 5).await;
+    let stats = WorkQueue::new(&s, name).unwrap().stats().await.unwrap();
+    s.close().await.unwrap();
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_push_pop_and_len_share_one_work_queue() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-queue");
+    let mut push = coord(&etcd, &["queue", "push", &name, "first"]);
+    let first_id = push.line().await;
+    assert_eq!(push.exit().await.0, Some(0));
+    let mut push = coord(&etcd, &["queue", "push", &name, "--lines"]);
+    push.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"second\n\nthird\n")
+        .await
+        .unwrap();
+    push.close_stdin();
+    let ids = [push.line().await, push.line().await];
+    assert_eq!(push.exit().await.0, Some(0));
+    assert!(ids.iter().all(|id| *id != first_id && !id.is_empty()));
+
+    let mut len = coord(&etcd, &["queue", "len", &name]);
+    assert_eq!(len.line().await, "3");
+    assert_eq!(len.exit().await.0, Some(0));
+    for want in ["first", "second", "third"] {
+        let mut pop = coord(&etcd, &["queue", "pop", &name]);
+        assert_eq!(pop.line().await, want, "pops in push order, as pushed");
+        assert_eq!(pop.exit().await.0, Some(0));
+    }
+    let mut len = coord(&etcd, &["queue", "len", &name, "--json"]);
+    let counts: serde_json::Value = serde_json::from_str(&len.line().await).unwrap();
+    assert_eq!(
+        counts,
+        serde_json::json!({"ready": 0, "in_flight": 0, "delayed": 0, "dead": 0})
+    );
+    assert_eq!(len.exit().await.0, Some(0));
+    // Acknowledged jobs leave nothing behind but the queue's bookkeeping.
+    let left = keys(&client, &format!("{name}/")).await;
+    assert!(
+        left.iter()
+            .all(|k| !k.contains("/jobs/") && !k.contains("/data/")),
+        "{left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_work_redelivers_a_job_after_the_worker_is_killed_mid_job() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-work");
+    let mut push = coord(&etcd, &["queue", "push", &name, "payload-1"]);
+    push.line().await;
+    assert_eq!(push.exit().await.0, Some(0));
+
+    // The first worker takes the job and is killed while its command runs.
+    let script = "echo \"start $ETCD_JOB_ATTEMPT $(cat) $$\"; exec sleep 30";
+    let mut first = coord(
+        &etcd,
+        &[
+            "--ttl", "2", "queue", "work", &name, "--", "sh", "-c", script,
+        ],
+    );
+    let line = first.line().await;
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert_eq!(fields[..3], ["start", "1", "payload-1"], "{line}");
+    let pgid: i32 = fields[3].parse().unwrap();
+    first.signal(libc::SIGKILL);
+    let _ = first.exit().await;
+    // Its command does not outlive it.
+    eventually(BOUND, "the orphaned command dies", || async {
+        running_in_group(pgid).is_empty()
+    })
+    .await;
+
+    // Once the dead worker's session expires, another worker gets the job again.
+    let script = "echo \"done $ETCD_JOB_ATTEMPT $(cat)\"";
+    let mut second = coord(
+        &etcd,
+        &[
+            "--ttl", "2", "queue", "work", &name, "--", "sh", "-c", script,
+        ],
+    );
+    assert_eq!(second.line().await, "done 2 payload-1");
+    eventually(BOUND, "the job is acknowledged", || {
+        let (c, n) = (client.clone(), name.clone());
+        async move { queue_stats(&c, &n).await == QueueStats::default() }
+    })
+    .await;
+    second.signal(libc::SIGTERM);
+    let (code, err) = second.exit().await;
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_is_delivered_again_and_finally_dead_lettered() {
+    let (etcd, client) = single().await;
+    let name = unique("cli-dead");
+    let mut push = coord(&etcd, &["queue", "push", &name, "bad"]);
+    let id = push.line().await;
+    assert_eq!(push.exit().await.0, Some(0));
+
+    let script = "echo \"fail $ETCD_JOB_ATTEMPT $ETCD_JOB_ID\"; exit 1";
+    let mut worker = coord(
+        &etcd,
+        &[
+            "queue",
+            "work",
+            &name,
+            "--max-attempts",
+            "3",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    for attempt in 1..=3 {
+        assert_eq!(worker.line().await, format!("fail {attempt} {id}"));
+    }
+    eventually(BOUND, "the job is dead-lettered", || {
+        let (c, n) = (client.clone(), name.clone());
+        async move { queue_stats(&c, &n).await.dead == 1 }
+    })
+    .await;
+    assert_eq!(
+        keys(&client, &format!("{name}/dead/")).await,
+        [format!("{name}/dead/{id}")]
+    );
+    worker.signal(libc::SIGTERM);
+    let (code, err) = worker.exit().await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        err.lines().count(),
+        3,
+        "one warning per failed delivery: {err}"
+    );
+
+    // A command that cannot run stops the worker at the first job, which goes back.
+    let mut push = coord(&etcd, &["queue", "push", &name, "next"]);
+    push.line().await;
+    assert_eq!(push.exit().await.0, Some(0));
+    let (code, err) = coord(
+        &etcd,
+        &["queue", "work", &name, "--", "/nonexistent/command"],
+    )
+    .exit()
+    .await;
+    assert_eq!(code, Some(127), "{err}");
+    one_error_line(&err);
+    let stats = queue_stats(&client, &name).await;
+    assert_eq!((stats.ready, stats.in_flight), (1, 0));
+}
+
 // ---- discover -----------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -821,6 +981,10 @@ async fn every_command_has_help_with_examples_and_usage_errors_exit_2() {
         &["barrier", "release", "--help"],
         &["barrier", "wait", "--help"],
         &["barrier", "enter", "--help"],
+        &["queue", "push", "--help"],
+        &["queue", "pop", "--help"],
+        &["queue", "len", "--help"],
+        &["queue", "work", "--help"],
     ] {
         let out = Command::new(BIN).args(args).output().await.unwrap();
         assert!(out.status.success(), "{args:?}");
@@ -839,6 +1003,9 @@ async fn every_command_has_help_with_examples_and_usage_errors_exit_2() {
         &["semaphore", "x", "--permits", "0"],
         &["barrier", "enter", "x", "--count", "0"],
         &["barrier", "hold", "--persistent", "x", "--", "true"],
+        &["queue", "work", "x"],
+        &["queue", "work", "x", "--concurrency", "0", "--", "true"],
+        &["queue", "push", "x", "job", "--lines"],
         &["--dial-timeout", "soon", "lock", "x"],
     ] {
         let out = Command::new(BIN).args(args).output().await.unwrap();

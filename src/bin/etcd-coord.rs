@@ -17,14 +17,18 @@ mod follow;
 mod hold;
 #[path = "etcd-coord/output.rs"]
 mod output;
+#[path = "etcd-coord/queue.rs"]
+mod queue;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use etcd_coord::etcd_client::Client;
-use etcd_coord::{Barrier, Connect, DoubleBarrier, Election, Mutex, RwLock, Semaphore, Session};
+use etcd_coord::{
+    Barrier, Connect, DoubleBarrier, Election, JobOptions, Mutex, RwLock, Semaphore, Session,
+};
 
-use crate::args::{BarrierCommand, Cli, Command, Global};
+use crate::args::{BarrierCommand, Cli, Command, Global, QueueCommand};
 use crate::child::Signals;
 use crate::exit::Failure;
 use crate::hold::Held;
@@ -191,6 +195,38 @@ async fn with_session(
             let acquire = async { barrier.enter().await.map(Held::Round) };
             let what = format!("double barrier {name:?}");
             hold::run(session, &what, acquire, hold, signals).await
+        }
+        Command::Queue(QueueCommand::Push {
+            name,
+            job,
+            lines,
+            priority,
+            delay,
+        }) => {
+            let mut options = JobOptions::new().priority(*priority);
+            if let Some(delay) = delay {
+                options = options.delay(*delay);
+            }
+            queue::push(session, name, job.as_deref(), *lines, options).await
+        }
+        Command::Queue(QueueCommand::Pop { name }) => queue::pop(session, name, signals).await,
+        Command::Queue(QueueCommand::Len { name, json }) => queue::len(session, name, *json).await,
+        Command::Queue(QueueCommand::Work {
+            name,
+            concurrency,
+            max_attempts,
+            retry_delay,
+            kill_grace,
+            command,
+        }) => {
+            let work = queue::Work {
+                concurrency: *concurrency,
+                max_attempts: *max_attempts,
+                retry_delay: *retry_delay,
+                kill_grace: *kill_grace,
+                command: command.clone(),
+            };
+            queue::work(session, name, work, signals).await
         }
         Command::Discover { .. } => unreachable!("discover needs no session"),
     }

@@ -176,6 +176,10 @@ pub enum Command {
     #[command(subcommand)]
     Barrier(BarrierCommand),
 
+    /// Push, pop and count jobs of an at-least-once work queue, or work them off with a command
+    #[command(subcommand)]
+    Queue(QueueCommand),
+
     /// Print the instances of a service registered under a prefix, then every change
     #[command(after_help = DISCOVER_HELP)]
     Discover {
@@ -232,6 +236,95 @@ pub enum BarrierCommand {
         hold: Holding,
     },
 }
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Add a job (the argument, each line of stdin with --lines, or all of stdin); print its id
+    #[command(after_help = QUEUE_HELP)]
+    Push {
+        /// The queue's name (a key prefix)
+        name: String,
+        /// The job; read from stdin if absent
+        #[arg(conflicts_with = "lines")]
+        job: Option<String>,
+        /// Push every non-empty line of stdin as a job of its own
+        #[arg(long)]
+        lines: bool,
+        /// Higher priorities are delivered first
+        #[arg(long, default_value_t = 0)]
+        priority: u16,
+        /// Make the job visible only after this long
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        delay: Option<Duration>,
+    },
+    /// Take the next job (waiting for one), print it on stdout and acknowledge it
+    #[command(after_help = QUEUE_HELP)]
+    Pop {
+        /// The queue's name (a key prefix)
+        name: String,
+    },
+    /// Print how many jobs are ready (with --json: ready, in flight, delayed and dead)
+    #[command(after_help = QUEUE_HELP)]
+    Len {
+        /// The queue's name (a key prefix)
+        name: String,
+        /// Print all the counts as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command for each job, the job on its stdin: exit 0 acknowledges the job, anything
+    /// else gives it back to be delivered again
+    #[command(after_help = WORK_HELP)]
+    Work {
+        /// The queue's name (a key prefix)
+        name: String,
+        /// How many commands may run at once
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        concurrency: usize,
+        /// Deliveries of a job before it moves to the dead letters (NAME/dead/)
+        #[arg(long, default_value_t = etcd_coord::DEFAULT_MAX_ATTEMPTS, value_name = "N")]
+        max_attempts: u32,
+        /// How long a failed job waits before it is delivered again
+        #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "DURATION")]
+        retry_delay: Duration,
+        /// After the session is lost, how long a command has between SIGTERM and SIGKILL
+        #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+        kill_grace: Duration,
+        /// The command to run for each job
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+}
+
+const QUEUE_HELP: &str = "\
+The queue is this crate's WorkQueue: a job stays in etcd until a consumer acknowledges it, so a
+consumer that crashes loses nothing (its claim ends with its session and the job is delivered
+again). `pop` acknowledges the job once it is written to stdout; `queue work` acknowledges a job
+only when its command succeeds. Jobs are delivered by priority, then in the order they were
+pushed.
+
+Examples:
+  etcd-coord queue push thumbnails img-123.png
+  ls *.png | etcd-coord queue push thumbnails --lines
+  etcd-coord queue push reports --priority 10 --delay 5m < request.json
+  job=$(etcd-coord queue pop thumbnails)
+  etcd-coord queue len thumbnails --json";
+
+const WORK_HELP: &str = "\
+For each job, the command runs in its own process group with the job on stdin and ETCD_JOB_ID,
+ETCD_JOB_ATTEMPT (1 on the first delivery) and ETCD_JOB_FENCING_TOKEN in its environment. Exit
+status 0 acknowledges the job; anything else gives it back (after --retry-delay), and after
+--max-attempts deliveries the job moves to the dead letters (NAME/dead/ID). A job whose worker
+dies is delivered again once the worker's session expires (--ttl).
+
+SIGINT or SIGTERM stops claiming, passes the signal on to the running commands, and exits 0 once
+they are done (their jobs are acknowledged or given back by their status). If the session is
+lost, the running commands are stopped (SIGTERM, then SIGKILL after --kill-grace) and etcd-coord
+exits with 75; their jobs are delivered again.
+
+Examples:
+  etcd-coord --ttl 10s queue work thumbnails --concurrency 4 -- sh -c 'convert - -resize 50% out/$ETCD_JOB_ID.png'
+  etcd-coord queue work emails --max-attempts 3 --retry-delay 30s -- ./send-email";
 
 const BARRIER_HELP: &str = "\
 A barrier is one key, NAME (the layout of Go's recipes.Barrier): `hold` closes it and fails if it
@@ -378,6 +471,12 @@ pub fn check(cli: &Cli) -> Result<(), exit::Failure> {
         Command::Barrier(BarrierCommand::Enter { count: 0, .. }) => {
             Err(exit::Failure::usage("--count must be at least 1"))
         }
+        Command::Queue(QueueCommand::Work { concurrency: 0, .. }) => {
+            Err(exit::Failure::usage("--concurrency must be at least 1"))
+        }
+        Command::Queue(QueueCommand::Work {
+            max_attempts: 0, ..
+        }) => Err(exit::Failure::usage("--max-attempts must be at least 1")),
         _ => Ok(()),
     }
 }

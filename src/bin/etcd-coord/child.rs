@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
 
 use crate::exit::{self, Failure};
 
@@ -36,8 +37,33 @@ impl Signals {
     }
 }
 
+/// Where the signals to pass on to a command come from.
+pub enum Relay<'a> {
+    /// Straight from the OS: the command is etcd-coord's only one.
+    Os(&'a mut Signals),
+    /// From etcd-coord's signal loop, shared by several commands running at once.
+    Shared(watch::Receiver<Option<i32>>),
+}
+
+impl Relay<'_> {
+    /// The next signal to pass on. Cancel safe.
+    async fn recv(&mut self) -> i32 {
+        match self {
+            Relay::Os(signals) => signals.recv().await,
+            Relay::Shared(rx) => loop {
+                if rx.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if let Some(signo) = *rx.borrow_and_update() {
+                    return signo;
+                }
+            },
+        }
+    }
+}
+
 /// A running command and its process group.
-pub struct Job {
+pub struct Running {
     child: Child,
     /// The process group: the command's own pid, as it leads a new group.
     pgid: i32,
@@ -51,10 +77,14 @@ pub enum Ended {
     Lost,
 }
 
-impl Job {
+impl Running {
     /// Starts `argv` with `env` added to etcd-coord's environment, in a new process group.
     /// stdout and stderr are shared with etcd-coord.
-    pub fn spawn(argv: &[String], env: &[(&str, String)], stdin: Stdio) -> Result<Job, Failure> {
+    pub fn spawn(
+        argv: &[String],
+        env: &[(&str, String)],
+        stdin: Stdio,
+    ) -> Result<Running, Failure> {
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| Failure::usage("the command is empty"))?;
@@ -98,7 +128,12 @@ impl Job {
             .id()
             .and_then(|id| i32::try_from(id).ok())
             .ok_or_else(|| Failure::msg("the command exited before it could be watched"))?;
-        Ok(Job { child, pgid })
+        Ok(Running { child, pgid })
+    }
+
+    /// The command's stdin, if it was piped.
+    pub fn take_stdin(&mut self) -> Option<tokio::process::ChildStdin> {
+        self.child.stdin.take()
     }
 
     /// Sends `signo` to the whole process group. A group that is already gone is fine.
@@ -119,7 +154,7 @@ impl Job {
     pub async fn supervise(
         mut self,
         lost: impl Future<Output = ()>,
-        signals: &mut Signals,
+        signals: &mut Relay<'_>,
         grace: Duration,
     ) -> Result<Ended, Failure> {
         tokio::pin!(lost);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use etcd_coord::{BarrierHold, BarrierRound, Leadership, LockGuard, Session, SessionState};
 
 use crate::args::Holding;
-use crate::child::{Ended, Job, Signals};
+use crate::child::{Ended, Relay, Running, Signals};
 use crate::exit::{self, Failure};
 use crate::output::{line, warn};
 
@@ -120,8 +120,11 @@ pub async fn run(
         release(held, &key).await;
         return Ok(0);
     };
-    let job = Job::spawn(argv, &held.env(), Stdio::inherit())?;
-    match job.supervise(lost, signals, hold.kill_grace).await? {
+    let job = Running::spawn(argv, &held.env(), Stdio::inherit())?;
+    match job
+        .supervise(lost, &mut Relay::Os(signals), hold.kill_grace)
+        .await?
+    {
         Ended::Exited(status) => {
             release(held, &key).await;
             Ok(exit::of_command(status))
