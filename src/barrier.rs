@@ -7,7 +7,7 @@ use etcd_client::{
 };
 use tracing::Instrument;
 
-use crate::error::{Error, Result};
+use crate::error::{header_revision, Error, Result};
 use crate::keys::{participant_key, validate_name};
 use crate::session::Session;
 use crate::wait::{self, Entry};
@@ -339,10 +339,7 @@ impl Barrier {
             }
         })
         .await?;
-        let revision = resp
-            .header()
-            .map(|h| h.revision())
-            .ok_or_else(|| malformed("a response without a header"))?;
+        let revision = header_revision(resp.header())?;
         Ok((revision, resp.kvs().first().map(|kv| kv.create_revision())))
     }
 }
@@ -524,7 +521,7 @@ fn our_hold(resp: &TxnResponse, token: &str) -> Result<Option<i64>> {
         return resp
             .header()
             .map(|h| Some(h.revision()))
-            .ok_or_else(|| malformed("a response without a header"));
+            .ok_or_else(|| Error::malformed("a response without a header"));
     }
     let existing = resp
         .op_responses()
@@ -536,15 +533,7 @@ fn our_hold(resp: &TxnResponse, token: &str) -> Result<Option<i64>> {
                 .map(|kv| (kv.create_revision(), kv.value() == token.as_bytes())),
             _ => None,
         })
-        .ok_or_else(|| malformed("a failed put-if-absent without the existing key"))?;
+        .ok_or_else(|| Error::malformed("a failed put-if-absent without the existing key"))?;
     // Ours if an earlier try of this very call committed before its answer was lost.
     Ok(existing.1.then_some(existing.0))
-}
-
-pub(crate) fn malformed(what: &str) -> Error {
-    Error::Etcd {
-        message: format!("unexpected reply from etcd: {what}"),
-        source: None,
-        retryable: true,
-    }
 }

@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, TxnResponse,
+    TxnResponse,
 };
 use tracing::Instrument;
 
-use crate::barrier::malformed;
 use crate::error::{Error, Result};
 use crate::keys::{participant_key, prefix, prefix_end, show, validate_name};
 use crate::session::Session;
@@ -363,7 +362,7 @@ impl DoubleBarrier {
         let session = &self.session;
         // Whether this try put the key or found an earlier try's, it is ours to delete.
         let resp = wait::send_creating(session, "joining a double barrier", key, txn, true).await?;
-        let revision = revision(&resp)?;
+        let revision = wait::revision(&resp)?;
         let gets = gets(&resp);
         if resp.succeeded() {
             let entry = Entry {
@@ -382,7 +381,7 @@ impl DoubleBarrier {
             return Ok(Joined::In(entry, view));
         }
         let [open, mine] = &gets[..] else {
-            return Err(malformed("a failed join without its reads"));
+            return Err(Error::malformed("a failed join without its reads"));
         };
         if let Some(kv) = mine.first() {
             // An earlier try of this very call committed before its answer was lost.
@@ -417,14 +416,14 @@ impl DoubleBarrier {
         }
         let gets = gets(&resp);
         let [open, mine, first] = &gets[..] else {
-            return Err(malformed("a check without its reads"));
+            return Err(Error::malformed("a check without its reads"));
         };
         let seal = match mine.first() {
             Some(kv) => Seal::parse(&entry.key, kv.value())?,
             None => None,
         };
         Ok(View {
-            revision: revision(&resp)?,
+            revision: wait::revision(&resp)?,
             open: self.parse_round(open)?,
             seal,
             first: keys_and_revs(first),
@@ -628,7 +627,7 @@ impl BarrierRound {
                 self.left = true;
                 return Err(gone(&session, &self.entry));
             }
-            let revision = revision(&resp)?;
+            let revision = wait::revision(&resp)?;
             let newest = gets(&resp)
                 .first()
                 .and_then(|kvs| kvs.first())
@@ -670,7 +669,7 @@ impl BarrierRound {
         }
         let mut backoff = wait::backoff();
         loop {
-            let revision = revision(&resp)?;
+            let revision = wait::revision(&resp)?;
             let oldest = gets(&resp)
                 .first()
                 .and_then(|kvs| kvs.first())
@@ -729,20 +728,11 @@ fn gone(session: &Session, entry: &Entry) -> Error {
         })
 }
 
-fn revision(resp: &TxnResponse) -> Result<i64> {
-    resp.header()
-        .map(|h| h.revision())
-        .ok_or_else(|| malformed("a response without a header"))
-}
-
 /// The key-values of each range read of a transaction response, in order.
 fn gets(resp: &TxnResponse) -> Vec<Vec<KeyValue>> {
-    resp.op_responses()
+    wait::gets(resp)
         .into_iter()
-        .filter_map(|r| match r {
-            TxnOpResponse::Get(mut g) => Some(g.take_kvs()),
-            _ => None,
-        })
+        .map(|mut g| g.take_kvs())
         .collect()
 }
 

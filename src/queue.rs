@@ -8,10 +8,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
-};
+use etcd_client::{Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
@@ -187,26 +184,6 @@ struct Head {
     revision: i64,
 }
 
-fn gets(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
-    resp.op_responses()
-        .into_iter()
-        .filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        })
-        .collect()
-}
-
-fn header_revision(resp: &TxnResponse) -> Result<i64> {
-    resp.header()
-        .map(|h| h.revision())
-        .ok_or_else(|| Error::Etcd {
-            message: "unexpected reply from etcd: a response without a header".into(),
-            source: None,
-            retryable: true,
-        })
-}
-
 impl Store {
     fn new(session: &Session, name: String, order: Order) -> Result<Store> {
         validate_name("name", &name)?;
@@ -237,7 +214,7 @@ impl Store {
             }
         })
         .await?;
-        tracing::debug!(queue = %self.name, key = %key, revision = header_revision(&resp).ok(), "pushed");
+        tracing::debug!(queue = %self.name, key = %key, revision = wait::revision(&resp).ok(), "pushed");
         Ok(())
     }
 
@@ -289,8 +266,8 @@ impl Store {
                 }
             })
             .await?;
-            let revision = header_revision(&resp)?;
-            let reads = gets(&resp);
+            let revision = wait::revision(&resp)?;
+            let reads = wait::gets(&resp);
             let items = |g: &etcd_client::GetResponse| {
                 g.kvs()
                     .iter()
@@ -349,7 +326,7 @@ impl Store {
             if !resp.succeeded() {
                 return Ok(None);
             }
-            let value = gets(&resp)
+            let value = wait::gets(&resp)
                 .first()
                 .and_then(|g| g.kvs().first())
                 .map(|kv| kv.value().to_vec())

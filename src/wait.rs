@@ -324,8 +324,20 @@ where
     }
 }
 
-fn revision(resp: &TxnResponse) -> Result<i64> {
+/// The revision of a transaction response.
+pub(crate) fn revision(resp: &TxnResponse) -> Result<i64> {
     header_revision(resp.header())
+}
+
+/// The range reads of a transaction response, in order.
+pub(crate) fn gets(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
+    resp.op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The keys older than `me` among the range reads of a transaction response.
@@ -569,6 +581,26 @@ pub(crate) async fn next_change(
             .map_err(Error::from)?;
     }
     loop {
+        match next_events(&mut stream).await? {
+            // Cancelled by the server (compaction and the like): the caller re-reads.
+            None => return Ok(()),
+            Some(events) if !events.is_empty() => return Ok(()),
+            Some(_) => {}
+        }
+    }
+}
+
+/// The next batch of events on `stream` (all events of one revision arrive together), skipping
+/// responses without any, or `None` when the server cancelled a watch (compaction and the
+/// like), after which the caller re-reads.
+///
+/// # Errors
+///
+/// A retryable error when the stream broke.
+async fn next_events(
+    stream: &mut etcd_client::WatchStream,
+) -> Result<Option<Vec<etcd_client::Event>>> {
+    loop {
         let resp = match stream.message().await {
             Ok(Some(resp)) => resp,
             Ok(None) => {
@@ -585,10 +617,10 @@ pub(crate) async fn next_change(
                 reason = resp.cancel_reason(),
                 "watch cancelled by the server; re-reading"
             );
-            return Ok(());
+            return Ok(None);
         }
         if !resp.events().is_empty() {
-            return Ok(());
+            return Ok(Some(resp.events().to_vec()));
         }
     }
 }
@@ -625,28 +657,6 @@ impl PrefixWatch {
     ///
     /// A retryable error when the stream broke.
     pub(crate) async fn next(&mut self) -> Result<Option<Vec<etcd_client::Event>>> {
-        loop {
-            let resp = match self.stream.message().await {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    return Err(Error::Unavailable {
-                        message: "the watch stream ended".into(),
-                        source: None,
-                    })
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if resp.canceled() {
-                tracing::debug!(
-                    compact_revision = resp.compact_revision(),
-                    reason = resp.cancel_reason(),
-                    "watch cancelled by the server; re-reading"
-                );
-                return Ok(None);
-            }
-            if !resp.events().is_empty() {
-                return Ok(Some(resp.events().to_vec()));
-            }
-        }
+        next_events(&mut self.stream).await
     }
 }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
-    Compare, CompareOp, Event, EventType, GetOptions, GetResponse, KeyValue, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Compare, CompareOp, Event, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget,
+    Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use tokio::task::JoinSet;
 
@@ -397,26 +397,6 @@ enum Attempt {
     Lost(TxnResponse, Option<String>),
 }
 
-fn gets(resp: &TxnResponse) -> Vec<GetResponse> {
-    resp.op_responses()
-        .into_iter()
-        .filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        })
-        .collect()
-}
-
-fn header_revision(resp: &TxnResponse) -> Result<i64> {
-    resp.header()
-        .map(|h| h.revision())
-        .ok_or_else(|| Error::Etcd {
-            message: "unexpected reply from etcd: a response without a header".into(),
-            source: None,
-            retryable: true,
-        })
-}
-
 fn random_below(n: usize) -> usize {
     (uuid::Uuid::new_v4().as_u128() % n.max(1) as u128) as usize
 }
@@ -599,7 +579,7 @@ impl WorkQueue {
         })
         .await?;
         tracing::debug!(
-            queue = %s.name, id = %id, key = %key, revision = header_revision(&resp).ok(),
+            queue = %s.name, id = %id, key = %key, revision = wait::revision(&resp).ok(),
             "job pushed"
         );
         Ok(id)
@@ -863,10 +843,10 @@ impl WorkQueue {
 
     fn parse(&self, resp: &TxnResponse, bucket: &Option<String>) -> Parsed {
         let s = &self.inner;
-        let Ok(revision) = header_revision(resp) else {
+        let Ok(revision) = wait::revision(resp) else {
             return Parsed::Again(0);
         };
-        let reads = gets(resp);
+        let reads = wait::gets(resp);
         let (Some(claims), Some(probe), Some(delayed)) =
             (reads.first(), reads.get(1), reads.get(2))
         else {
@@ -975,7 +955,7 @@ impl WorkQueue {
         detached(&session.clone(), async move {
             let mut client = session.client().clone();
             let sent = session.request("claiming jobs", client.txn(txn)).await;
-            let (resp, token) = match sent.and_then(|r| header_revision(&r).map(|t| (r, t))) {
+            let (resp, token) = match sent.and_then(|r| wait::revision(&r).map(|t| (r, t))) {
                 Ok(answer) => answer,
                 Err(e) => {
                     // Claims may have committed: find out in the background and undo them.
@@ -992,7 +972,7 @@ impl WorkQueue {
                     tracing::debug!(queue = %s.name, id = %c.id, "job claimed by someone else");
                     continue;
                 }
-                let payload = gets(&inner)
+                let payload = wait::gets(&inner)
                     .first()
                     .and_then(|g| g.kvs().first())
                     .map(|kv| kv.value().to_vec());
@@ -1162,7 +1142,7 @@ impl WorkQueue {
             .session
             .request("counting a work queue", client.txn(txn))
             .await?;
-        let n: Vec<u64> = gets(&resp)
+        let n: Vec<u64> = wait::gets(&resp)
             .iter()
             .map(|g| g.count().max(0) as u64)
             .collect();
@@ -1225,7 +1205,7 @@ impl WorkQueue {
                 .session
                 .request("reading dead letters", client.txn(txn))
                 .await?;
-            for (kv, data) in chunk.iter().zip(gets(&resp)) {
+            for (kv, data) in chunk.iter().zip(wait::gets(&resp)) {
                 let meta = Meta::decode(kv.value()).unwrap_or(Meta {
                     attempts: 0,
                     priority: 0,
