@@ -1,9 +1,10 @@
 //! `etcd-coord`: the crate's primitives from the shell.
 //!
-//! Locks, elections, reader-writer locks and semaphores that hold while a command runs (or
-//! until interrupted), an election observer and a service discovery follower. The lock and
-//! the election are wire-compatible with `etcdctl lock` and `etcdctl elect`. Global options
-//! are spelt as etcdctl spells them. See `etcd-coord --help` for the exit statuses.
+//! Locks, elections, reader-writer locks, semaphores, barrier holds and double-barrier rounds
+//! that hold while a command runs (or until interrupted), a work queue whose worker runs a
+//! command per job, an election observer and a service discovery follower. The lock and the
+//! election are wire-compatible with `etcdctl lock` and `etcdctl elect`. Global options are
+//! spelt as etcdctl spells them. See `etcd-coord --help` for the exit statuses.
 
 #[path = "etcd-coord/args.rs"]
 mod args;

@@ -7,8 +7,9 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::exit;
 
-const ABOUT: &str = "Distributed locks, elections, semaphores and service discovery on etcd v3, \
-from the shell. Compatible with `etcdctl lock` and `etcdctl elect` on the same names.";
+const ABOUT: &str = "Distributed locks, elections, semaphores, barriers, work queues and service \
+discovery on etcd v3, from the shell. Compatible with `etcdctl lock` and `etcdctl elect` on the \
+same names.";
 
 const AFTER_HELP: &str = "\
 Exit status:
@@ -30,6 +31,9 @@ Examples:
 
   # follow who leads
   etcd-coord elect --listen services/scheduler
+
+  # a worker that runs a command per job (job on stdin; exit 0 acknowledges it)
+  etcd-coord queue work thumbnails -- ./make-thumbnail
 
 Run `etcd-coord <COMMAND> --help` for each command's options and examples.";
 
