@@ -968,6 +968,44 @@ async fn unreachable_endpoints_fail_with_one_line_within_the_dial_timeout() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_authenticates_like_etcdctl_and_refusals_are_one_line() {
+    let (etcd, mut root) = single().await;
+    if common::skip_unless_local(&etcd, "auth test (enables auth on the server)") {
+        return;
+    }
+    root.user_add("root", "root-pw", None).await.unwrap();
+    root.user_grant_role("root", "root").await.unwrap();
+    root.user_add("app", "app-pw", None).await.unwrap(); // no roles: no rights
+    root.auth_enable().await.unwrap();
+    let name = unique("cli-auth");
+    for user in [
+        &["--user", "root:root-pw"][..],
+        &["--user", "root", "--password", "root-pw"],
+    ] {
+        let mut args = user.to_vec();
+        args.extend(["lock", name.as_str(), "--", "true"]);
+        let (code, err) = coord(&etcd, &args).exit().await;
+        assert_eq!(code, Some(0), "{user:?}: {err}");
+    }
+    for (user, want) in [
+        ("root:wrong", "authentication"),
+        ("app:app-pw", "permission denied"),
+    ] {
+        let (code, err) = coord(&etcd, &["--user", user, "lock", &name, "--", "true"])
+            .exit()
+            .await;
+        assert_eq!(code, Some(1), "{user}: {err}");
+        let line = one_error_line(&err);
+        assert!(line.to_lowercase().contains(want), "{user}: {line}");
+    }
+    let (code, err) = coord(&etcd, &["--user", "root", "lock", &name])
+        .exit()
+        .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(one_error_line(&err).contains("--password"), "{err}");
+}
+
 #[tokio::test]
 async fn every_command_has_help_with_examples_and_usage_errors_exit_2() {
     for args in [
