@@ -948,6 +948,60 @@ async fn discover_prints_instances_and_their_changes() {
     s.close().await.unwrap();
 }
 
+// ---- bench --------------------------------------------------------------------------------
+
+#[cfg(feature = "bench")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_workloads_and_checks_the_cost_model() {
+    let (etcd, _client) = single().await;
+    // Costs are counted from the server's metrics: nobody else may use it.
+    if common::skip_unless_local(&etcd, "bench (counts the server's requests)") {
+        return;
+    }
+    let endpoints = format!("--endpoints={}", etcd.endpoints().join(","));
+    let args = [
+        endpoints.as_str(),
+        "bench",
+        "mutex-uncontended",
+        "--ops",
+        "20",
+        "try-lock-fail",
+        "--ops",
+        "10",
+        "--impl",
+        "coord",
+    ];
+    let out = within(
+        Duration::from_secs(60),
+        "the benchmark finishes",
+        Command::new(BIN).args(args).kill_on_drop(true).output(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("PASS [cost] uncontended lock+unlock = 2 requests"),
+        "{text}"
+    );
+    assert!(text.contains("cost model holds"), "{text}");
+    let results = text.lines().filter(|l| l.starts_with('{')).count();
+    assert_eq!(results, 2, "one JSON result per workload: {text}");
+
+    let out = Command::new(BIN)
+        .args([endpoints.as_str(), "bench", "no-such-workload"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    one_error_line(&String::from_utf8_lossy(&out.stderr));
+}
+
 // ---- errors and help ----------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1023,6 +1077,7 @@ async fn every_command_has_help_with_examples_and_usage_errors_exit_2() {
         &["queue", "pop", "--help"],
         &["queue", "len", "--help"],
         &["queue", "work", "--help"],
+        &["bench", "--help"],
     ] {
         let out = Command::new(BIN).args(args).output().await.unwrap();
         assert!(out.status.success(), "{args:?}");

@@ -23,7 +23,7 @@ mod queue;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use etcd_coord::etcd_client::Client;
 use etcd_coord::{
     Barrier, Connect, DoubleBarrier, Election, JobOptions, Mutex, RwLock, Semaphore, Session,
@@ -35,7 +35,8 @@ use crate::exit::Failure;
 use crate::hold::Held;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = args::with_bench_help(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -43,11 +44,13 @@ fn main() -> ExitCode {
             .init();
     }
     // One thread is plenty, and it keeps the parent-death signal of commands reliable: the
-    // kernel sends it when the thread that forked exits.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // kernel sends it when the thread that forked exits. Benchmarks run no commands and want
+    // every core.
+    let mut builder = match cli.command {
+        Command::Bench { .. } => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return report(Failure::new("cannot start the runtime", &e)),
     };
@@ -70,6 +73,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     // Before connecting: an interrupted connect or wait must still clean up.
     let mut signals = Signals::install()?;
     let g = &cli.global;
+    if let Command::Bench { start_etcd, args } = &cli.command {
+        return tokio::select! {
+            code = bench(g, *start_etcd, args) => code,
+            signo = signals.recv() => Ok(exit::signaled(signo)),
+        };
+    }
     let client = tokio::select! {
         client = connect(g) => client?,
         signo = signals.recv() => return Ok(exit::signaled(signo)),
@@ -229,7 +238,9 @@ async fn with_session(
             };
             queue::work(session, name, work, signals).await
         }
-        Command::Discover { .. } => unreachable!("discover needs no session"),
+        Command::Discover { .. } | Command::Bench { .. } => {
+            unreachable!("discover and bench need no session")
+        }
     }
 }
 
@@ -285,4 +296,41 @@ async fn session(g: &Global, client: Client) -> Result<Session, Failure> {
         .build()
         .await
         .map_err(|e| Failure::from(e).context("cannot start a session"))
+}
+
+/// `bench ARGS`: the library's benchmark on --endpoints, or on a server started for the run.
+#[cfg(feature = "bench")]
+async fn bench(g: &Global, start_etcd: bool, args: &[String]) -> Result<u8, Failure> {
+    use etcd_coord::bench::{run_on, BenchOptions, USAGE};
+    use etcd_coord::testing::EtcdCluster;
+
+    if g.cacert.is_some() || g.cert.is_some() || g.user.is_some() {
+        return Err(Failure::usage(
+            "bench does not support --cacert, --cert, --key or --user",
+        ));
+    }
+    let options = BenchOptions::parse(args)?;
+    if options.help {
+        output::line(USAGE.trim_end()).await?;
+        return Ok(0);
+    }
+    let cluster = if start_etcd {
+        EtcdCluster::single()
+            .await
+            .map_err(|e| Failure::new("starting etcd", &e))?
+    } else {
+        EtcdCluster::external(&g.endpoints)
+    };
+    // The report goes to stdout as the run goes; a benchmark is not disturbed by it.
+    let report = run_on(&cluster, &options, &mut std::io::stdout())
+        .await
+        .map_err(|e| Failure::from(e).context("benchmark"))?;
+    Ok(if report.success() { 0 } else { exit::ERROR })
+}
+
+#[cfg(not(feature = "bench"))]
+async fn bench(_: &Global, _: bool, _: &[String]) -> Result<u8, Failure> {
+    Err(Failure::usage(
+        "this etcd-coord was built without the `bench` feature (build it with --features cli,bench)",
+    ))
 }

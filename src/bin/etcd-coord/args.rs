@@ -184,6 +184,21 @@ pub enum Command {
     #[command(subcommand)]
     Queue(QueueCommand),
 
+    /// Run the benchmark workloads against --endpoints (or a server started for the run)
+    #[command(after_help = BENCH_HELP, hide = cfg!(not(feature = "bench")))]
+    Bench {
+        /// Start a single-member etcd for the run instead of using --endpoints
+        #[arg(long)]
+        start_etcd: bool,
+        /// Workloads, their parameters and the benchmark's options (see below)
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+
     /// Print the instances of a service registered under a prefix, then every change
     #[command(after_help = DISCOVER_HELP)]
     Discover {
@@ -329,6 +344,42 @@ exits with 75; their jobs are delivered again.
 Examples:
   etcd-coord --ttl 10s queue work thumbnails --concurrency 4 -- sh -c 'convert - -resize 50% out/$ETCD_JOB_ID.png'
   etcd-coord queue work emails --max-attempts 3 --retry-delay 30s -- ./send-email";
+
+/// Completed at run time with the library's list of workloads; see [`with_bench_help`].
+#[cfg(feature = "bench")]
+const BENCH_HELP: &str = "\
+Runs the workloads of etcd_coord::bench (as `cargo bench --features bench` does) and exits 1 if
+one fails or the cost model does not hold. The cost is counted from the server's metrics, so run
+it on a server nobody else is using, or with --start-etcd. --cacert, --cert, --key and --user are
+not supported here.
+
+Examples:
+  etcd-coord bench --start-etcd
+  etcd-coord bench mutex-contended --contenders 16 --ops 1000 --impl coord
+  etcd-coord bench --start-etcd --markdown BENCHMARKS.md";
+#[cfg(not(feature = "bench"))]
+const BENCH_HELP: &str = "\
+This etcd-coord was built without the `bench` feature (build it with --features cli,bench).
+
+Examples:
+  cargo install etcd-coord --features cli,bench";
+
+/// The command line's grammar, with the benchmark's workloads in `bench --help`.
+pub fn with_bench_help(command: clap::Command) -> clap::Command {
+    #[cfg(feature = "bench")]
+    {
+        let usage = etcd_coord::bench::USAGE;
+        // The library's text starts with how `cargo bench` is invoked; keep the lists.
+        let lists = usage
+            .find("workloads and parameters")
+            .map_or(usage, |at| &usage[at..]);
+        command.mut_subcommand("bench", |c| {
+            c.after_help(format!("{BENCH_HELP}\n\n{}", lists.trim_end()))
+        })
+    }
+    #[cfg(not(feature = "bench"))]
+    command
+}
 
 const BARRIER_HELP: &str = "\
 A barrier is one key, NAME (the layout of Go's recipes.Barrier): `hold` closes it and fails if it
