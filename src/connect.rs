@@ -199,7 +199,12 @@ impl Connect {
             .with_keep_alive_while_idle(false)
             .with_require_leader(true);
         if let Some((user, password)) = &self.user {
-            options = options.with_user(user.clone(), password.clone());
+            // etcd forgets its auth tokens when it restarts (and expires idle simple tokens
+            // after 5 minutes); without a refresh every later request, keepalive streams
+            // included, fails with "invalid auth token" for good.
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         if let Some(tls) = tls {
             options = options.with_tls(tls);

@@ -1400,6 +1400,16 @@ impl Local {
                         .await
                     }
                 };
+                // With auth enabled (a restarted member of a cluster whose test turned auth
+                // on), the member list needs a user; the running process is then ours.
+                let identity = match identity {
+                    Ok((_, body))
+                        if String::from_utf8_lossy(&body).contains("user name is empty") =>
+                    {
+                        Ok((200, own_peer.clone().into_bytes()))
+                    }
+                    other => other,
+                };
                 if let Ok((200, body)) = identity {
                     if !String::from_utf8_lossy(&body).contains(&own_peer) {
                         return Err(io::Error::new(
