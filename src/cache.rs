@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::error::{Error, Result};
+use crate::error::{header_revision, Error, Result};
 use crate::keys::{prefix_end, show};
 use crate::session::{with_timeout, Backoff, DEFAULT_REQUEST_TIMEOUT};
 
@@ -1057,14 +1057,7 @@ impl<T: Send + Sync + 'static> Task<T> {
             )
             .await?;
             if revision == 0 {
-                revision = resp
-                    .header()
-                    .map(|h| h.revision())
-                    .ok_or_else(|| Error::Etcd {
-                        message: "unexpected reply from etcd: a response without a header".into(),
-                        source: None,
-                        retryable: true,
-                    })?;
+                revision = header_revision(resp.header())?;
             }
             let more = resp.more();
             let page = resp.take_kvs();

@@ -24,7 +24,7 @@ use etcd_client::{Client, Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp};
 use serde_json::Value;
 
 use crate::cache::{Changes, PrefixCache, Snapshot};
-use crate::error::{Error, Result};
+use crate::error::{header_revision, Error, Result};
 use crate::keys::{show, validate_name};
 use crate::session::Session;
 use crate::wait;
@@ -303,14 +303,7 @@ impl Registry {
             }
         })
         .await?;
-        let revision = resp
-            .header()
-            .map(|h| h.revision())
-            .ok_or_else(|| Error::Etcd {
-                message: "unexpected reply from etcd: a response without a header".into(),
-                source: None,
-                retryable: true,
-            })?;
+        let revision = header_revision(resp.header())?;
         pending.disarm();
         match resp.prev_key() {
             Some(prev) if prev.lease() != session.lease_id() => tracing::debug!(

@@ -16,7 +16,7 @@ use etcd_client::{
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
+use crate::error::{header_revision, Error, Result};
 use crate::guard::{Acquire, LockGuard};
 use crate::keys::{prefix, prefix_end, show, validate_name};
 use crate::session::{with_timeout, Backoff, Session, DEFAULT_REQUEST_TIMEOUT};
@@ -45,16 +45,6 @@ fn validate_value(value: &[u8]) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// A put bound to a lease that the server no longer has: the session ended, whether or not its
-/// keepalive has noticed yet.
-fn malformed(what: &str) -> Error {
-    Error::Etcd {
-        message: format!("unexpected reply from etcd: {what}"),
-        source: None,
-        retryable: true,
-    }
 }
 
 /// Options that read the first-created key under a prefix: the leader.
@@ -300,10 +290,7 @@ impl Election {
         let resp = session
             .request("resuming a leadership", client.txn(txn))
             .await?;
-        let revision = resp
-            .header()
-            .map(|h| h.revision())
-            .ok_or_else(|| malformed("a response without a header"))?;
+        let revision = header_revision(resp.header())?;
         if resp.succeeded() {
             session.check_alive()?;
             tracing::info!(name = %self.name(), key = %key, token = create_revision, revision, "leadership resumed");
@@ -329,7 +316,7 @@ impl Election {
             .collect();
         let (mine, first) = match gets.as_slice() {
             [mine, first] => (mine.first(), first.first()),
-            _ => return Err(malformed("a failed transaction without its reads")),
+            _ => return Err(Error::malformed("a failed transaction without its reads")),
         };
         let Some(mine) = mine.filter(|kv| kv.create_revision() == create_revision) else {
             return Err(Error::NotHeld { key });
@@ -671,10 +658,7 @@ impl ElectionObserver {
             client.get(self.prefix.clone(), Some(opts)),
         )
         .await?;
-        let revision = resp
-            .header()
-            .map(|h| h.revision())
-            .ok_or_else(|| malformed("a response without a header"))?;
+        let revision = header_revision(resp.header())?;
         Ok(resp
             .kvs()
             .first()
@@ -1188,7 +1172,7 @@ impl Observing {
                             h.revision(),
                         ));
                     }
-                    None => malformed("a response without a header"),
+                    None => Error::malformed("a response without a header"),
                 },
                 Err(Error::Etcd { ref message, .. }) if message.contains("compacted") => {
                     return Ok(Read::Compacted)

@@ -124,6 +124,16 @@ impl Error {
         }
     }
 
+    /// A reply from etcd that lacks what the protocol promises; retryable, since a healthy
+    /// member answers properly.
+    pub(crate) fn malformed(what: &str) -> Self {
+        Error::Etcd {
+            message: format!("unexpected reply from etcd: {what}"),
+            source: None,
+            retryable: true,
+        }
+    }
+
     pub(crate) fn invalid(name: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
             name,
@@ -192,4 +202,11 @@ impl From<etcd_client::Error> for Error {
             },
         }
     }
+}
+
+/// The revision in a response header, which every etcd reply carries.
+pub(crate) fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
+    header
+        .map(|h| h.revision())
+        .ok_or_else(|| Error::malformed("a response without a header"))
 }

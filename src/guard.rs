@@ -3,14 +3,13 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use etcd_client::{Compare, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use tracing::Instrument;
 
-use crate::error::{Error, Result};
+use crate::error::{header_revision, Error, Result};
 use crate::keys::participant_key;
-use crate::session::{Backoff, Session, SessionState};
+use crate::session::{Session, SessionState};
 use crate::wait::{self, Blockers, Entry, PendingKey};
 
 /// What to acquire: see [`LockGuard::acquire`].
@@ -153,14 +152,7 @@ impl LockGuard {
             });
         }
         // Without a revision we cannot fence; `pending` deletes the key on the way out.
-        let revision = resp
-            .header()
-            .map(|h| h.revision())
-            .ok_or_else(|| Error::Etcd {
-                message: "unexpected reply from etcd: a response without a header".into(),
-                source: None,
-                retryable: true,
-            })?;
+        let revision = header_revision(resp.header())?;
         pending.disarm();
         tracing::debug!(name, key = %key, token = revision, "acquired without waiting");
         let entry = Entry {
@@ -280,21 +272,21 @@ impl LockGuard {
             let watch_key = async {
                 let keys = [entry.key.clone().into_bytes()];
                 let none = Blockers::prefixes(Vec::new());
-                let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-                loop {
-                    let woke = wait::next_change(&session, &keys, from, false).await;
-                    // Whatever woke us, ask etcd whether the key is still ours.
+                let mut backoff = wait::backoff();
+                // Whatever wakes us, ask etcd whether the key is still ours.
+                while wait::wake(&session, &keys, from, true, &mut backoff)
+                    .await
+                    .is_ok()
+                {
                     match wait::check(&session, &entry, &none).await {
                         Ok(position) => from = position.revision + 1,
                         Err(Error::NotHeld { .. }) => {
                             gone.store(true, Ordering::Release);
                             return;
                         }
-                        Err(e) if !e.is_retryable() => return,
-                        Err(_) => {}
-                    }
-                    if woke.is_err() {
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        // The session ended, or the key can no longer be read: either way the
+                        // caller can no longer count on holding.
+                        Err(_) => return,
                     }
                 }
             };

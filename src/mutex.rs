@@ -59,7 +59,7 @@ impl Mutex {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] naming `name` if it is not a valid name (see the type docs).
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming `name` if it is not a valid name (see the type docs).
     ///
     /// ```no_run
     /// # fn f(session: etcd_coord::Session) -> etcd_coord::Result<()> {
@@ -95,10 +95,10 @@ impl Mutex {
     ///
     /// # Errors
     ///
-    /// - the session's error ([`Error::SessionExpired`], [`Error::SessionClosed`]) if it ends
+    /// - the session's error ([`Error::SessionExpired`](crate::Error::SessionExpired), [`Error::SessionClosed`](crate::Error::SessionClosed)) if it ends
     ///   before the lock is acquired; the lock is then never reported as acquired;
-    /// - [`Error::NotHeld`] if our waiting key is deleted by someone else;
-    /// - non-retryable etcd errors (e.g. [`Error::PermissionDenied`]). Transient errors are
+    /// - [`Error::NotHeld`](crate::Error::NotHeld) if our waiting key is deleted by someone else;
+    /// - non-retryable etcd errors (e.g. [`Error::PermissionDenied`](crate::Error::PermissionDenied)). Transient errors are
     ///   retried for as long as the session lives.
     ///
     /// # Cancel safety
@@ -125,7 +125,7 @@ impl Mutex {
     ///
     /// # Errors
     ///
-    /// [`Error::WouldBlock`] if the lock is taken (or others wait); nothing is left behind.
+    /// [`Error::WouldBlock`](crate::Error::WouldBlock) if the lock is taken (or others wait); nothing is left behind.
     /// Otherwise as [`lock`](Self::lock), except that errors are not retried.
     ///
     /// # Cancel safety

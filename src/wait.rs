@@ -18,12 +18,17 @@ use etcd_client::{
     TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{header_revision, Error, Result};
 use crate::keys::{prefix_end, show};
 use crate::session::{Backoff, Session};
 
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// The pause schedule for re-reading after a failed watch, for callers of [`wake`].
+pub(crate) fn backoff() -> Backoff {
+    Backoff::new(RETRY_MIN, RETRY_MAX)
+}
 
 /// What stands in a waiter's way: the keys older than its own in some key ranges, of which
 /// fewer than `permits` may exist for it to hold (1 for a lock, N for an N-permit semaphore).
@@ -223,23 +228,25 @@ async fn release_with_retries(session: &Session, key: &str, create_rev: Option<i
     }
 }
 
-/// Sends a transaction that may create our `key`, from a background task, so that its outcome
-/// is always seen by someone.
+/// Sends one transaction from a background task tracked by the session, so that its outcome
+/// is always seen by someone: if the caller stops waiting for the answer, `undo` gets it.
 ///
-/// Dropping a future while its request is in flight does not stop the request: etcd may commit
-/// the put after any cleanup the dropped future could start (they travel on separate streams).
-/// So the request runs on its own, and if the caller has gone by the time the answer arrives,
-/// the task deletes whatever the answer says it created, fenced by its create revision.
-pub(crate) async fn send_creating(
+/// Dropping a future while its request is in flight does not stop the request: etcd may apply
+/// it after any cleanup the dropped future could start (they travel on separate streams), and
+/// that cleanup would miss the key the request creates. Seeing the answer first closes the gap.
+/// With `retry`, transient errors are retried while the session lives.
+pub(crate) async fn detached_txn<U>(
     session: &Session,
     operation: &'static str,
-    key: &str,
     txn: Txn,
     retry: bool,
-) -> Result<TxnResponse> {
+    undo: U,
+) -> Result<TxnResponse>
+where
+    U: FnOnce(&Session, TxnResponse) + Send + 'static,
+{
     let (tx, rx) = tokio::sync::oneshot::channel();
     let s = session.clone();
-    let key = key.to_string();
     session.spawn_background(async move {
         let send = || {
             let mut client = s.client().clone();
@@ -253,13 +260,29 @@ pub(crate) async fn send_creating(
             send().await
         };
         if let Err(Ok(resp)) = tx.send(result) {
-            if let Some(rev) = created_revision(&resp, &key) {
-                tracing::debug!(key = %key, rev, "request answered after its caller left; deleting");
-                release_with_retries(&s, &key, Some(rev)).await;
-            }
+            tracing::debug!(operation, "caller gone before the answer; undoing");
+            undo(&s, resp);
         }
     });
     rx.await.unwrap_or(Err(Error::SessionClosed))
+}
+
+/// [`detached_txn`] for a transaction that may create our `key`: if the caller has gone, the
+/// key the answer says was created is deleted, fenced by its create revision.
+pub(crate) async fn send_creating(
+    session: &Session,
+    operation: &'static str,
+    key: &str,
+    txn: Txn,
+    retry: bool,
+) -> Result<TxnResponse> {
+    let key = key.to_string();
+    detached_txn(session, operation, txn, retry, move |s, resp| {
+        if let Some(rev) = created_revision(&resp, &key) {
+            release_in_background(s, key, Some(rev));
+        }
+    })
+    .await
 }
 
 /// The create revision of `key` according to a response of [`send_creating`]: the transaction's
@@ -301,18 +324,20 @@ where
     }
 }
 
-fn revision(resp: &TxnResponse) -> Result<i64> {
-    resp.header()
-        .map(|h| h.revision())
-        .ok_or_else(|| malformed("a response without a header"))
+/// The revision of a transaction response.
+pub(crate) fn revision(resp: &TxnResponse) -> Result<i64> {
+    header_revision(resp.header())
 }
 
-fn malformed(what: &str) -> Error {
-    Error::Etcd {
-        message: format!("unexpected reply from etcd: {what}"),
-        source: None,
-        retryable: true,
-    }
+/// The range reads of a transaction response, in order.
+pub(crate) fn gets(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
+    resp.op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The keys older than `me` among the range reads of a transaction response.
@@ -380,7 +405,7 @@ pub(crate) async fn enqueue(
             TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.create_revision()),
             _ => None,
         })
-        .ok_or_else(|| malformed("a failed put-if-absent without the existing key"))?;
+        .ok_or_else(|| Error::malformed("a failed put-if-absent without the existing key"))?;
     pending.create_rev = Some(existing);
     let entry = Entry {
         key,
@@ -434,7 +459,7 @@ pub(crate) async fn wait_turn(
     blockers: &Blockers,
     mut position: Position,
 ) -> Result<i64> {
-    let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+    let mut backoff = backoff();
     let mut waited = false;
     while !position.waiting_on.is_empty() {
         waited = true;
@@ -445,27 +470,15 @@ pub(crate) async fn wait_turn(
         );
         let mut watched: Vec<Vec<u8>> = position.waiting_on.iter().map(|b| b.key.clone()).collect();
         watched.push(entry.key.clone().into_bytes());
-        tokio::select! {
-            state = session.lost() => {
-                return Err(state.error().unwrap_or(Error::SessionClosed));
-            }
-            woke = next_change(session, &watched, position.revision + 1, position.watch_puts) => {
-                if let Err(e) = woke {
-                    if !e.is_retryable() {
-                        return Err(e);
-                    }
-                    tracing::debug!(key = %entry.key, error = %e, "watch failed; re-reading");
-                    tokio::select! {
-                        state = session.lost() => {
-                            return Err(state.error().unwrap_or(e));
-                        }
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    }
-                } else {
-                    backoff.reset();
-                }
-            }
-        }
+        let deletes_only = !position.watch_puts;
+        wake(
+            session,
+            &watched,
+            position.revision + 1,
+            deletes_only,
+            &mut backoff,
+        )
+        .await?;
         position = check(session, entry, blockers).await?;
     }
     // The check proved our key existed at this revision (so our lease was alive on the
@@ -504,6 +517,39 @@ async fn announce(session: &Session, entry: &Entry) -> Result<i64> {
     revision(&resp)
 }
 
+/// Waits, while the session lives, for the next event on `keys` at a revision >= `start`
+/// (deletes only, or any change). A broken watch is followed by a backoff pause and then `Ok`,
+/// like an event: either way the caller re-reads, which is what makes waiting robust.
+///
+/// # Errors
+///
+/// The session's error if it ends; non-retryable etcd errors.
+pub(crate) async fn wake(
+    session: &Session,
+    keys: &[Vec<u8>],
+    start: i64,
+    deletes_only: bool,
+    backoff: &mut Backoff,
+) -> Result<()> {
+    let lost = session.lost();
+    tokio::pin!(lost);
+    tokio::select! {
+        state = &mut lost => return Err(state.error().unwrap_or(Error::SessionClosed)),
+        woke = next_change(session, keys, start, !deletes_only) => match woke {
+            Ok(()) => {
+                backoff.reset();
+                return Ok(());
+            }
+            Err(e) if !e.is_retryable() => return Err(e),
+            Err(e) => tracing::debug!(error = %e, "watch failed; re-reading"),
+        },
+    }
+    tokio::select! {
+        state = lost => Err(state.error().unwrap_or(Error::SessionClosed)),
+        _ = tokio::time::sleep(backoff.next_delay()) => Ok(()),
+    }
+}
+
 /// Returns when any of `keys` is deleted (or, with `puts`, written) at a revision >= `start`,
 /// or when the server cancelled the watch (compaction and the like), after which the caller
 /// re-reads.
@@ -535,6 +581,26 @@ pub(crate) async fn next_change(
             .map_err(Error::from)?;
     }
     loop {
+        match next_events(&mut stream).await? {
+            // Cancelled by the server (compaction and the like): the caller re-reads.
+            None => return Ok(()),
+            Some(events) if !events.is_empty() => return Ok(()),
+            Some(_) => {}
+        }
+    }
+}
+
+/// The next batch of events on `stream` (all events of one revision arrive together), skipping
+/// responses without any, or `None` when the server cancelled a watch (compaction and the
+/// like), after which the caller re-reads.
+///
+/// # Errors
+///
+/// A retryable error when the stream broke.
+async fn next_events(
+    stream: &mut etcd_client::WatchStream,
+) -> Result<Option<Vec<etcd_client::Event>>> {
+    loop {
         let resp = match stream.message().await {
             Ok(Some(resp)) => resp,
             Ok(None) => {
@@ -551,10 +617,46 @@ pub(crate) async fn next_change(
                 reason = resp.cancel_reason(),
                 "watch cancelled by the server; re-reading"
             );
-            return Ok(());
+            return Ok(None);
         }
         if !resp.events().is_empty() {
-            return Ok(());
+            return Ok(Some(resp.events().to_vec()));
         }
+    }
+}
+
+/// A watch on every key under a prefix, for primitives that react to puts as well as deletes
+/// (queues). The caller decides which events matter.
+pub(crate) struct PrefixWatch {
+    stream: etcd_client::WatchStream,
+}
+
+/// Opens a watch on every key under `prefix`, from revision `start`.
+///
+/// # Errors
+///
+/// A retryable error when the stream could not be opened.
+pub(crate) async fn watch_prefix(
+    session: &Session,
+    prefix: &str,
+    start: i64,
+) -> Result<PrefixWatch> {
+    let opts = WatchOptions::new().with_prefix().with_start_revision(start);
+    let mut client = session.client().clone();
+    let stream = session
+        .request("opening a watch", client.watch(prefix, Some(opts)))
+        .await?;
+    Ok(PrefixWatch { stream })
+}
+
+impl PrefixWatch {
+    /// The next batch of events (all events of one revision arrive together), or `None` when the
+    /// server cancelled the watch (compaction and the like), after which the caller re-reads.
+    ///
+    /// # Errors
+    ///
+    /// A retryable error when the stream broke.
+    pub(crate) async fn next(&mut self) -> Result<Option<Vec<etcd_client::Event>>> {
+        next_events(&mut self.stream).await
     }
 }

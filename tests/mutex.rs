@@ -169,7 +169,16 @@ async fn dropped_lock_futures_leave_no_stray_keys() {
     let mut tasks = Vec::new();
     for _ in 0..300 {
         let mutex = mutex.clone();
-        let ms = rand::thread_rng().gen_range(0..=50);
+        // Half of them within the first few milliseconds, while the joining request is still
+        // in flight: the key it creates must be found and deleted all the same.
+        let ms = {
+            let mut rng = rand::thread_rng();
+            if rng.gen_bool(0.5) {
+                rng.gen_range(0..=3)
+            } else {
+                rng.gen_range(0..=50)
+            }
+        };
         tasks.push(tokio::spawn(async move {
             tokio::time::timeout(Duration::from_millis(ms), mutex.lock())
                 .await
