@@ -373,3 +373,205 @@ impl Contender {
         }
     }
 }
+
+/// A work queue under load: producers push uniquely numbered jobs, consumers claim them and
+/// acknowledge each with a result key `RESULTS/<payload>/<job id>` written in the ack's own
+/// transaction, so etcd itself records every acknowledgement that committed.
+pub struct QueueLoad {
+    pub queue: String,
+    pub results: String,
+    /// Payloads whose push was confirmed.
+    pub pushed: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Pushes whose outcome is unknown (the producer's session ended mid-push).
+    pub uncertain: Arc<AtomicU64>,
+    acked: Arc<watch::Sender<u64>>,
+    producers: CancellationToken,
+    consumers: CancellationToken,
+    producer_tasks: Vec<JoinHandle<()>>,
+    consumer_tasks: Vec<JoinHandle<()>>,
+}
+
+impl QueueLoad {
+    pub fn new(name: &str) -> QueueLoad {
+        QueueLoad {
+            queue: name.to_string(),
+            results: format!("{name}-results/"),
+            pushed: Arc::default(),
+            uncertain: Arc::default(),
+            acked: Arc::new(watch::channel(0).0),
+            producers: CancellationToken::new(),
+            consumers: CancellationToken::new(),
+            producer_tasks: Vec::new(),
+            consumer_tasks: Vec::new(),
+        }
+    }
+
+    /// A producer pushing one job every `every`.
+    pub fn producer(&mut self, endpoints: Vec<String>, ttl_s: u64, every: Duration) {
+        let (queue, pushed, uncertain, stop) = (
+            self.queue.clone(),
+            self.pushed.clone(),
+            self.uncertain.clone(),
+            self.producers.clone(),
+        );
+        let tag = self.producer_tasks.len();
+        self.producer_tasks.push(tokio::spawn(async move {
+            let Some(client) = connect_retrying(&endpoints, &stop).await else {
+                return;
+            };
+            let mut n = 0u64;
+            'sessions: loop {
+                let Some(session) = session_retrying(&client, ttl_s, &stop).await else {
+                    return;
+                };
+                let q = etcd_coord::WorkQueue::new(&session, queue.clone()).unwrap();
+                loop {
+                    n += 1;
+                    let payload = format!("p{tag}-{n:06}");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = q.push(payload.clone()) => match r {
+                            Ok(_) => pushed.lock().unwrap().push(payload),
+                            Err(e) if e.is_retryable() => {}
+                            Err(_) => {
+                                uncertain.fetch_add(1, Ordering::Relaxed);
+                                continue 'sessions;
+                            }
+                        },
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                }
+            }
+        }));
+    }
+
+    /// A consumer that spends `work` on each job, then acknowledges it.
+    pub fn consumer(&mut self, endpoints: Vec<String>, ttl_s: u64, work: Duration) {
+        let (queue, results, acked, stop) = (
+            self.queue.clone(),
+            self.results.clone(),
+            self.acked.clone(),
+            self.consumers.clone(),
+        );
+        self.consumer_tasks.push(tokio::spawn(async move {
+            let Some(client) = connect_retrying(&endpoints, &stop).await else {
+                return;
+            };
+            'sessions: loop {
+                let Some(session) = session_retrying(&client, ttl_s, &stop).await else {
+                    return;
+                };
+                let q = etcd_coord::WorkQueue::new(&session, queue.clone()).unwrap();
+                loop {
+                    let claim = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        c = q.claim() => c,
+                    };
+                    let claim = match claim {
+                        Ok(c) => c,
+                        Err(_) if !session.is_alive() => continue 'sessions,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    };
+                    tokio::time::sleep(work).await;
+                    let payload = String::from_utf8_lossy(claim.payload()).into_owned();
+                    let record = format!("{results}{payload}/{}", claim.id());
+                    // An ack that fails leaves the job to be delivered again.
+                    if claim.ack_with([TxnOp::put(record, "", None)]).await.is_ok() {
+                        acked.send_modify(|n| *n += 1);
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Acknowledgements seen by consumers so far.
+    pub fn acked(&self) -> u64 {
+        *self.acked.borrow()
+    }
+
+    /// Waits for `n` more acknowledgements.
+    pub async fn progress(&self, n: u64, bound: Duration, what: &str) {
+        let target = self.acked() + n;
+        let mut rx = self.acked.subscribe();
+        tokio::time::timeout(bound, rx.wait_for(|a| *a >= target))
+            .await
+            .unwrap_or_else(|_| panic!("no job acknowledged within {bound:?} {what}"))
+            .unwrap();
+    }
+
+    /// Stops producing, lets the consumers drain the queue, stops them, and checks from etcd
+    /// that every confirmed job was acknowledged exactly once and no job is left. Returns
+    /// (jobs pushed, acknowledgements).
+    pub async fn finish(&mut self, client: &Client, bound: Duration) -> (usize, usize) {
+        self.producers.cancel();
+        let producers = std::mem::take(&mut self.producer_tasks);
+        tokio::time::timeout(bound, futures::future::join_all(producers))
+            .await
+            .expect("producers stop");
+        let session = Session::builder(client.clone())
+            .ttl(Duration::from_secs(10))
+            .build()
+            .await
+            .unwrap();
+        let q = etcd_coord::WorkQueue::new(&session, self.queue.clone()).unwrap();
+        let deadline = Instant::now() + bound;
+        loop {
+            let stats = q.stats().await;
+            if matches!(stats, Ok(s) if s.ready == 0 && s.in_flight == 0 && s.delayed == 0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "queue not drained: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.consumers.cancel();
+        let consumers = std::mem::take(&mut self.consumer_tasks);
+        tokio::time::timeout(bound, futures::future::join_all(consumers))
+            .await
+            .expect("consumers stop");
+        let stats = q.stats().await.unwrap();
+        assert_eq!(stats.dead, 0, "{stats:?}");
+        let results = client
+            .clone()
+            .get(
+                self.results.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .unwrap();
+        let mut per_payload = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for kv in results.kvs() {
+            let rest = &kv.key_str().unwrap()[self.results.len()..];
+            let (payload, job) = rest.split_once('/').unwrap();
+            per_payload
+                .entry(payload.to_string())
+                .or_default()
+                .push(job.to_string());
+        }
+        for (payload, jobs) in &per_payload {
+            assert_eq!(
+                jobs.len(),
+                1,
+                "{payload} acknowledged more than once: {jobs:?}"
+            );
+        }
+        let pushed = self.pushed.lock().unwrap().clone();
+        for payload in &pushed {
+            assert!(per_payload.contains_key(payload), "job {payload} was lost");
+        }
+        let _ = session.close().await;
+        (pushed.len(), per_payload.len())
+    }
+}
+
+impl Drop for QueueLoad {
+    fn drop(&mut self) {
+        self.producers.cancel();
+        self.consumers.cancel();
+    }
+}
