@@ -13,8 +13,10 @@ use std::time::Duration;
 use common::*;
 use etcd_coord::etcd_client::{Client, PutOptions};
 use etcd_coord::{
-    Connect, Discovery, Election, ElectionObserver, Error, LeaderEvent, Lockable, MultiLock, Mutex,
-    PrefixCache, Registry, RwLock, Semaphore, Session, MAX_NAME_LEN, MAX_PERMITS, MAX_TTL,
+    Barrier, Connect, Discovery, DoubleBarrier, Election, ElectionObserver, Error, LeaderEvent,
+    Lockable, MultiLock, Mutex, PrefixCache, PriorityQueue, Queue, Registry, RwLock, Semaphore,
+    Session, WorkQueue, DEFAULT_MAX_REQUEST_BYTES, MAX_BATCH_SIZE, MAX_CLAIM_BATCH, MAX_NAME_LEN,
+    MAX_PERMITS, MAX_TTL,
 };
 use futures::StreamExt;
 use serde_json::json;
@@ -51,6 +53,9 @@ async fn every_bad_argument_is_rejected_naming_it_before_anything_is_sent() {
         .unwrap();
     let election = Election::new(&s, format!("{name}-e")).unwrap();
     let registry = Registry::new(&s, format!("{name}-r")).unwrap();
+    let queue = Queue::new(&s, format!("{name}-q")).unwrap();
+    let pq = PriorityQueue::new(&s, format!("{name}-pq")).unwrap();
+    let jobs = WorkQueue::new(&s, format!("{name}-jobs")).unwrap();
     let long = "x".repeat(MAX_NAME_LEN + 1);
     let huge = vec![b'v'; 1024 * 1024 + 1];
     let huge_json = json!("m".repeat(1 << 20));
@@ -241,8 +246,99 @@ async fn every_bad_argument_is_rejected_naming_it_before_anything_is_sent() {
             "service",
             Discovery::new(client.clone(), "p", "a/b"),
         ),
+        row(
+            "Queue::max_request_bytes too small",
+            "max_request_bytes",
+            now(queue.clone().max_request_bytes(10)),
+        ),
+        row(
+            "Queue::push over the request limit",
+            "value",
+            queue.push(vec![0u8; DEFAULT_MAX_REQUEST_BYTES]),
+        ),
+        row(
+            "PriorityQueue::max_request_bytes too small",
+            "max_request_bytes",
+            now(pq.clone().max_request_bytes(10)),
+        ),
+        row(
+            "PriorityQueue::push over the request limit",
+            "value",
+            pq.push(vec![0u8; DEFAULT_MAX_REQUEST_BYTES], 1),
+        ),
+        row(
+            "WorkQueue max_attempts 0",
+            "max_attempts",
+            now(WorkQueue::builder(&s, name.clone()).max_attempts(0).build()),
+        ),
+        row(
+            "WorkQueue batch_size 0",
+            "batch_size",
+            now(WorkQueue::builder(&s, name.clone()).batch_size(0).build()),
+        ),
+        row(
+            "WorkQueue batch_size too large",
+            "batch_size",
+            now(WorkQueue::builder(&s, name.clone())
+                .batch_size(MAX_BATCH_SIZE + 1)
+                .build()),
+        ),
+        row(
+            "WorkQueue max_request_bytes too small",
+            "max_request_bytes",
+            now(WorkQueue::builder(&s, name.clone())
+                .max_request_bytes(10)
+                .build()),
+        ),
+        row(
+            "WorkQueue::push over the request limit",
+            "job",
+            jobs.push(vec![0u8; DEFAULT_MAX_REQUEST_BYTES]),
+        ),
+        row("WorkQueue::claim_batch(0)", "max", jobs.claim_batch(0)),
+        row(
+            "WorkQueue::claim_batch over the limit",
+            "max",
+            jobs.claim_batch(MAX_CLAIM_BATCH + 1),
+        ),
+        row("WorkQueue::dead_letters(0)", "limit", jobs.dead_letters(0)),
+        row(
+            "WorkQueue::requeue_dead_letter with a bad id",
+            "id",
+            jobs.requeue_dead_letter("a/b"),
+        ),
+        row(
+            "WorkQueue::delete_dead_letter with an empty id",
+            "id",
+            jobs.delete_dead_letter(""),
+        ),
+        row(
+            "Consumer with no handlers",
+            "concurrency",
+            jobs.consumer()
+                .concurrency(0)
+                .run(|_job| async { Ok::<_, String>(Vec::new()) }),
+        ),
+        row(
+            "DoubleBarrier with count 0",
+            "count",
+            now(DoubleBarrier::new(&s, name.clone(), 0)),
+        ),
     ];
     for bad in bad_names {
+        table.push(row("Queue::new", "name", now(Queue::new(&s, bad))));
+        table.push(row(
+            "PriorityQueue::new",
+            "name",
+            now(PriorityQueue::new(&s, bad)),
+        ));
+        table.push(row("WorkQueue::new", "name", now(WorkQueue::new(&s, bad))));
+        table.push(row("Barrier::new", "name", now(Barrier::new(&s, bad))));
+        table.push(row(
+            "DoubleBarrier::new",
+            "name",
+            now(DoubleBarrier::new(&s, bad, 2)),
+        ));
         table.push(row("Mutex::new", "name", now(Mutex::new(&s, bad))));
         table.push(row("RwLock::new", "name", now(RwLock::new(&s, bad))));
         table.push(row(
