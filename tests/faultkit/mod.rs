@@ -167,15 +167,25 @@ impl Contention {
     /// the mutex at that revision, and returns how many there were. Needs the history up to now
     /// (no compaction).
     pub async fn verify_fenced_log(&self, client: &Client) -> usize {
+        verify_fenced(client, &format!("{}/", self.mutex), &self.log).await
+    }
+}
+
+/// Checks that every key `LOG<token>-<n>` was committed while the key with create revision
+/// `token` was the oldest under `owners` (the holder of a lock, the leader of an election), and
+/// that tokens never go back in commit order. Returns how many writes there were. Needs the
+/// history (no compaction).
+pub async fn verify_fenced(client: &Client, owners: &str, log_prefix: &str) -> usize {
+    {
         let mut c = client.clone();
         let log = c
-            .get(self.log.as_str(), Some(GetOptions::new().with_prefix()))
+            .get(log_prefix, Some(GetOptions::new().with_prefix()))
             .await
             .unwrap();
-        let prefix = format!("{}/", self.mutex);
+        let prefix = owners.to_string();
         for kv in log.kvs() {
             let key = kv.key_str().unwrap();
-            let token: i64 = key[self.log.len()..]
+            let token: i64 = key[log_prefix.len()..]
                 .split('-')
                 .next()
                 .unwrap()
@@ -208,7 +218,7 @@ impl Contention {
             .iter()
             .map(|kv| {
                 let key = kv.key_str().unwrap();
-                let t: i64 = key[self.log.len()..]
+                let t: i64 = key[log_prefix.len()..]
                     .split('-')
                     .next()
                     .unwrap()
