@@ -491,3 +491,60 @@ async fn quiet_connections_are_not_closed_by_the_server() {
     assert!(!waiting.is_finished());
     assert!(s.is_alive());
 }
+
+/// The proxy itself: it passes, delays, stalls and cuts as told, and stops when dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_passes_delays_stalls_and_cuts_as_told() {
+    let (etcd, _direct) = single().await;
+    let proxy = Proxy::start(etcd.endpoint(0)).await.unwrap();
+    assert!(proxy.addr().ip().is_loopback());
+    assert!(
+        Proxy::start("10.1.2.3:2379").await.is_err(),
+        "loopback only"
+    );
+    let client = client_via(&[&proxy]).await;
+    let key = unique("proxy");
+    let put = |client: &Client| {
+        let mut c = client.clone();
+        let key = key.clone();
+        async move {
+            let started = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(1), c.put(key, "v", None)).await;
+            (matches!(r, Ok(Ok(_))), started.elapsed())
+        }
+    };
+    assert!(put(&client).await.0);
+
+    proxy.set_mode(Mode::Latency(Duration::from_millis(100)));
+    let (ok, took) = put(&client).await;
+    assert!(ok && took >= Duration::from_millis(200), "{took:?}");
+
+    proxy.set_mode(Mode::Blackhole);
+    let (ok, _) = put(&client).await;
+    assert!(!ok, "a blackholed request is not answered");
+    assert_eq!(proxy.connections(), 1, "the connection stays open");
+
+    proxy.set_mode(Mode::Cut);
+    eventually(Duration::from_secs(2), "connections closed", || {
+        let open = proxy.connections();
+        async move { open == 0 }
+    })
+    .await;
+    let refused = tokio::net::TcpStream::connect(proxy.addr()).await;
+    assert!(refused.is_err(), "new connections are refused");
+
+    proxy.set_mode(Mode::Pass);
+    eventually(Duration::from_secs(5), "traffic flows again", || {
+        let p = put(&client);
+        async move { p.await.0 }
+    })
+    .await;
+    let addr = proxy.addr();
+    drop(proxy);
+    eventually(
+        Duration::from_secs(2),
+        "listener closed on drop",
+        || async move { tokio::net::TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+}
