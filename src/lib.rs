@@ -61,6 +61,8 @@ mod session;
 mod wait;
 mod work_queue;
 
+#[cfg(feature = "bench")]
+pub mod bench;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -6,10 +6,15 @@
 //! still exists" and reads the nearest older key together. A waiter watches only its nearest
 //! older key and its own key, so a handoff wakes one waiter, not all of them.
 //!
-//! Watches start at the check's revision + 1. Everything that happened up to that revision is
-//! in the check; anything later is a watch event. Starting there (rather than at the check's
-//! revision, as Go does) makes the watch "synced" in etcd, which delivers its events at once
-//! instead of through the catch-up loop that runs every 100 ms.
+//! Handoff latency depends on a detail of etcd: a watch that starts at the store's current
+//! revision is "synced" and gets its events at once, while a watch that starts at an older
+//! revision is served by a catch-up loop that runs every 100 ms. Go's waiters watch from the
+//! revision of their read; under contention others write in between, so most handoffs wait for
+//! that loop. Our waiters open their watch without a start revision (synced, from "now") and
+//! learn from etcd at which revision it starts. If nothing was written since the read, the read
+//! still holds and nothing more is sent; otherwise one more check, made after the watch exists,
+//! closes the gap. Either way no event can be missed, and a handoff costs the new holder one
+//! request after the holder's delete.
 
 use std::time::Duration;
 
@@ -471,15 +476,47 @@ pub(crate) async fn wait_turn(
         );
         let mut watched: Vec<Vec<u8>> = position.waiting_on.iter().map(|b| b.key.clone()).collect();
         watched.push(entry.key.clone().into_bytes());
-        let deletes_only = !position.watch_puts;
-        wake(
-            session,
-            &watched,
-            position.revision + 1,
-            deletes_only,
-            &mut backoff,
-        )
-        .await?;
+        let armed = tokio::select! {
+            state = session.lost() => return Err(state.error().unwrap_or(Error::SessionClosed)),
+            armed = watch_from_now(session, &watched, !position.watch_puts) => armed,
+        };
+        let mut watch = match armed {
+            Ok(watch) => watch,
+            Err(e) if e.is_retryable() => {
+                tracing::debug!(key = %entry.key, error = %e, "watch failed; re-reading");
+                tokio::select! {
+                    state = session.lost() => return Err(state.error().unwrap_or(e)),
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+                position = check(session, entry, blockers).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if !watch.fired && watch.since > position.revision {
+            // Written to since our read: read again, now that the watch covers what follows.
+            let fresh = check(session, entry, blockers).await?;
+            let same = fresh.watch_puts == position.watch_puts
+                && !fresh.waiting_on.is_empty()
+                && fresh.waiting_on.iter().all(|b| watched.contains(&b.key));
+            position = fresh;
+            if !same {
+                continue;
+            }
+        }
+        if !watch.fired {
+            tokio::select! {
+                state = session.lost() => return Err(state.error().unwrap_or(Error::SessionClosed)),
+                woke = watch.next() => match woke {
+                    Ok(()) => backoff.reset(),
+                    Err(e) if !e.is_retryable() => return Err(e),
+                    Err(e) => {
+                        tracing::debug!(key = %entry.key, error = %e, "watch failed; re-reading");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                },
+            }
+        }
         position = check(session, entry, blockers).await?;
     }
     // The check proved our key existed at this revision (so our lease was alive on the
@@ -489,6 +526,65 @@ pub(crate) async fn wait_turn(
         return announce(session, entry).await;
     }
     Ok(position.revision)
+}
+
+/// A watch on some keys, opened from the store's current revision.
+struct Armed {
+    stream: etcd_client::WatchStream,
+    /// Every event after this revision reaches the stream.
+    since: i64,
+    /// Whether an event (or a cancellation) already arrived while the watch was being set up.
+    fired: bool,
+}
+
+impl Armed {
+    /// Returns at the next event or server cancellation; the caller re-reads either way.
+    async fn next(&mut self) -> Result<()> {
+        loop {
+            match next_events(&mut self.stream).await? {
+                None => return Ok(()),
+                Some(events) if !events.is_empty() => return Ok(()),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// Opens a synced watch (no start revision) on `keys` and waits until etcd has created every
+/// watcher, learning the revision after which all of them see every event.
+async fn watch_from_now(session: &Session, keys: &[Vec<u8>], deletes_only: bool) -> Result<Armed> {
+    let mut opts = WatchOptions::new();
+    if deletes_only {
+        opts = opts.with_filters([WatchFilterType::NoPut]);
+    }
+    let mut client = session.client().clone();
+    let setup = async {
+        let mut stream = client.watch(keys[0].clone(), Some(opts.clone())).await?;
+        for key in &keys[1..] {
+            stream.watch(key.clone(), Some(opts.clone())).await?;
+        }
+        let (mut created, mut since, mut fired) = (0, 0, false);
+        while created < keys.len() {
+            let Some(resp) = stream.message().await? else {
+                return Err(etcd_client::Error::WatchError(
+                    "the watch stream ended".into(),
+                ));
+            };
+            if resp.created() {
+                created += 1;
+                // Each watcher starts at the revision it was created at; all of them cover
+                // what comes after the latest of those.
+                since = since.max(resp.header().map(|h| h.revision()).unwrap_or(i64::MAX));
+            }
+            fired |= resp.canceled() || !resp.events().is_empty();
+        }
+        Ok(Armed {
+            stream,
+            since,
+            fired,
+        })
+    };
+    session.request("opening a watch", setup).await
 }
 
 /// Touches our key (a put that keeps value and lease) so that the waiter behind us, which
