@@ -9,10 +9,19 @@ use crate::error::{Error, Result};
 /// How long [`Connect::connect`] waits for the cluster to answer, unless changed.
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Interval of HTTP/2 pings on idle connections: a member that stops answering (a paused
-/// process, a dead host behind a live route) is detected within interval + timeout and the
+/// HTTP/2 pings while requests or streams are open: a member that stops answering (a paused
+/// process, a partition) is detected within interval + timeout after its last frame, and the
 /// client moves to another endpoint.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+///
+/// The interval must stay above etcd's `--grpc-keepalive-min-time` (5 s by default): etcd
+/// counts faster pings as abuse and, after three, closes the connection with GOAWAY
+/// `too_many_pings`, breaking every watch and keepalive stream on it. With the former 2 s
+/// interval, measured through a proxy, every connection was closed by the server after about
+/// 8 s. A ping goes out only after `interval` without any frame from the server, counted
+/// from the previous pong, so pings are always more than 5 s apart. Pings on idle
+/// connections (no stream open) are always counted as abuse by etcd, so they are off: a
+/// request opens a stream, which turns pinging on while it waits.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(5500);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Builder for an [`etcd_client::Client`] set up the way this crate's primitives want it.
@@ -187,10 +196,15 @@ impl Connect {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.dial_timeout)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true)
+            .with_keep_alive_while_idle(false)
             .with_require_leader(true);
         if let Some((user, password)) = &self.user {
-            options = options.with_user(user.clone(), password.clone());
+            // etcd forgets its auth tokens when it restarts (and expires idle simple tokens
+            // after 5 minutes); without a refresh every later request, keepalive streams
+            // included, fails with "invalid auth token" for good.
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         if let Some(tls) = tls {
             options = options.with_tls(tls);

@@ -396,9 +396,14 @@ pub(crate) async fn owner_txn(
     txn: Txn,
 ) -> Result<Option<TxnResponse>> {
     let outer = Txn::new().when(owner).and_then([TxnOp::txn(txn)]);
-    let mut client = session.client().clone();
+    // One-shot and not idempotent to the caller (an ack, a fenced write): resend only what
+    // provably was never sent, or a member being down fails these often.
     let resp = session
-        .request("running an owner-only transaction", client.txn(outer))
+        .request_resending_unsent("running an owner-only transaction", || {
+            let mut client = session.client().clone();
+            let outer = outer.clone();
+            async move { client.txn(outer).await }
+        })
         .await?;
     if !resp.succeeded() {
         return Ok(None);

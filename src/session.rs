@@ -570,6 +570,54 @@ impl Session {
     }
 }
 
+/// How many times [`Session::request_resending_unsent`] sends a request again.
+const UNSENT_RESENDS: usize = 8;
+const UNSENT_PAUSE: Duration = Duration::from_millis(10);
+
+impl Session {
+    /// Like [`request`](Self::request), but sends `send()` again (a few times, within the same
+    /// time bound) while the request provably never left this process: the connection to the
+    /// member that tonic's balancer picked could not be opened.
+    ///
+    /// Why: the balancer keeps a member that is down among its endpoints and hands it a share
+    /// of the requests, which fail at once with "tcp connect error"; it even reports a failed
+    /// reconnect to the next request routed there after the member is back. Measured with one
+    /// of three members down, about a quarter of all requests failed that way, so a one-shot
+    /// operation (an ack, an owner-only write, an unlock) failed often, and a job could run
+    /// out of delivery attempts. Another member usually answers the resend. Any other error is
+    /// returned as is, so a request that may have been applied is never sent twice.
+    pub(crate) async fn request_resending_unsent<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        mut send: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let attempts = async {
+            let mut resends = 0;
+            loop {
+                match send().await {
+                    Err(e) if resends < UNSENT_RESENDS && never_sent(&e) => {
+                        resends += 1;
+                        tracing::debug!(operation, resends, "request not sent; sending again");
+                        tokio::time::sleep(UNSENT_PAUSE).await;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        with_timeout(self.inner.request_timeout, operation, attempts).await
+    }
+}
+
+/// Whether the request failed before anything was written to a connection.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::Unavailable && s.message() == "tcp connect error")
+}
+
 pub(crate) async fn with_timeout<T, F>(
     after: Duration,
     operation: &'static str,

@@ -189,12 +189,13 @@ fn fenced_delete(session: &Session, key: &str, create_rev: Option<i64>) -> Txn {
 /// Deletes our key now. `Ok(true)` if it was still ours, `Ok(false)` if it was already gone
 /// (or replaced), which callers usually turn into [`Error::NotHeld`].
 pub(crate) async fn release(session: &Session, key: &str, create_rev: Option<i64>) -> Result<bool> {
-    let mut client = session.client().clone();
+    // An unlock is one-shot: resend what provably was never sent (see the helper).
     let resp = session
-        .request(
-            "releasing a key",
-            client.txn(fenced_delete(session, key, create_rev)),
-        )
+        .request_resending_unsent("releasing a key", || {
+            let mut client = session.client().clone();
+            let txn = fenced_delete(session, key, create_rev);
+            async move { client.txn(txn).await }
+        })
         .await?;
     tracing::debug!(key, ?create_rev, deleted = resp.succeeded(), "released");
     Ok(resp.succeeded())

@@ -64,6 +64,15 @@
 //! Nothing is printed to stdout; start, kill, pause, resume, stop and restart
 //! are reported as `tracing` events at debug level.
 //!
+//! # Faults and TLS
+//!
+//! [`proxy::Proxy`] sits between clients and a member and cuts, stalls or
+//! delays their traffic on demand. [`ClusterOptions::tls`] starts members
+//! that serve `https://` client URLs and require client certificates signed
+//! by a [`tls::TestCa`]; their `/health` and `/metrics` are then served on a
+//! separate plain-HTTP metrics URL, so readiness checks and
+//! [`EtcdCluster::metrics`] work as before.
+//!
 //! # Examples
 //!
 //! ```no_run
@@ -95,6 +104,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub mod proxy;
+pub mod tls;
 
 /// How long a member may take to become healthy, per start attempt.
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -206,6 +218,7 @@ pub struct ClusterOptions {
     extra_args: Vec<String>,
     data_dir_root: Option<PathBuf>,
     ready_timeout: Duration,
+    tls: Option<tls::TestCa>,
 }
 
 impl Default for ClusterOptions {
@@ -231,7 +244,34 @@ impl ClusterOptions {
             extra_args: Vec::new(),
             data_dir_root: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            tls: None,
         }
+    }
+
+    /// Serves clients over TLS: `https://` client URLs with a server
+    /// certificate for `localhost` and `127.0.0.1` signed by `ca`, and client
+    /// certificates signed by `ca` required (`--client-cert-auth`). Peers
+    /// still talk plain HTTP on loopback. `/health` and `/metrics` move to a
+    /// plain-HTTP `--listen-metrics-urls` port so that readiness checks and
+    /// [`EtcdCluster::metrics`] need no certificate; the harness's own gRPC
+    /// calls ([`EtcdCluster::leader_index`], [`EtcdCluster::client`]) use a
+    /// client certificate it gets from `ca`. [`EtcdCluster::version`] is not
+    /// available over TLS.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> std::io::Result<()> {
+    /// use etcd_coord::testing::{tls::TestCa, ClusterOptions, EtcdCluster};
+    /// let ca = TestCa::new("test CA")?;
+    /// let etcd = EtcdCluster::start_with(ClusterOptions::new(1).tls(ca)).await?;
+    /// assert!(etcd.endpoint(0).starts_with("https://"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tls(mut self, ca: tls::TestCa) -> Self {
+        self.tls = Some(ca);
+        self
     }
 
     /// Runs this etcd binary instead of [`etcd_binary`]'s choice.
@@ -902,7 +942,7 @@ impl EtcdCluster {
                         continue;
                     }
                 }
-                match member_status(&self.endpoint(i)).await {
+                match member_status(&self.endpoint(i), self.client_tls()).await {
                     Ok(status) => statuses.push((i, status.0, status.1, status.2)),
                     Err(e) => last_problem = format!("member {i}: {e}"),
                 }
@@ -988,7 +1028,19 @@ impl EtcdCluster {
     /// # }
     /// ```
     pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
-        etcd_client::Client::connect(self.endpoints(), None).await
+        let options = self
+            .client_tls()
+            .map(|tls| etcd_client::ConnectOptions::new().with_tls(tls));
+        etcd_client::Client::connect(self.endpoints(), options).await
+    }
+
+    /// TLS options with the harness's own client certificate, for a cluster
+    /// started with [`ClusterOptions::tls`].
+    fn client_tls(&self) -> Option<etcd_client::TlsOptions> {
+        match &self.kind {
+            Kind::Local(local) => local.tls.as_ref().map(HarnessTls::options),
+            Kind::External(_) => None,
+        }
     }
 
     /// Scrapes member `i`'s `/metrics` (plain `http` endpoints only).
@@ -1015,7 +1067,10 @@ impl EtcdCluster {
         if i >= self.member_count() {
             return Err(bad_index(i, self.member_count()));
         }
-        let endpoint = self.endpoint(i);
+        let endpoint = match &self.kind {
+            Kind::Local(local) => local.members[i].http_url(),
+            Kind::External(_) => self.endpoint(i),
+        };
         let authority = http_authority(&endpoint)?;
         let (status, body) = http_request(authority, "GET", "/metrics", b"", HTTP_TIMEOUT).await?;
         let text = String::from_utf8_lossy(&body);
@@ -1068,6 +1123,8 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP port for `/health` and `/metrics` when clients use TLS.
+    metrics_port: Option<u16>,
     /// Holds `data/` and `etcd.log`; removed on drop (after the process is dead).
     dir: tempfile::TempDir,
     /// `None` when not running. While a `Child` is held it has not been
@@ -1077,7 +1134,20 @@ struct Member {
 
 impl Member {
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.metrics_port.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Where `/health` and `/metrics` are served over plain HTTP.
+    fn http_url(&self) -> String {
+        match self.metrics_port {
+            Some(port) => format!("http://127.0.0.1:{port}"),
+            None => self.client_url(),
+        }
     }
 
     fn peer_url(&self) -> String {
@@ -1120,22 +1190,55 @@ struct Local {
     initial_cluster: String,
     extra_args: Vec<String>,
     ready_timeout: Duration,
+    tls: Option<HarnessTls>,
 }
+
+/// The files etcd serves TLS with, and the harness's own client identity.
+struct HarnessTls {
+    ca_pem: String,
+    client: tls::CertKey,
+}
+
+impl HarnessTls {
+    fn options(&self) -> etcd_client::TlsOptions {
+        etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&self.ca_pem))
+            .identity(etcd_client::Identity::from_pem(
+                &self.client.cert_pem,
+                &self.client.key_pem,
+            ))
+    }
+}
+
+/// Names of the PEM files in a member's directory when it serves TLS.
+const TLS_FILES: [&str; 3] = ["ca.pem", "server.pem", "server-key.pem"];
 
 impl Local {
     async fn try_start(binary: &Path, opts: &ClusterOptions, root: &Path) -> io::Result<Local> {
         let n = opts.members;
-        let ports = free_ports(2 * n)?;
+        let per_member = if opts.tls.is_some() { 3 } else { 2 };
+        let ports = free_ports(per_member * n)?;
+        let server = match &opts.tls {
+            Some(ca) => Some(ca.server_cert()?),
+            None => None,
+        };
         let mut members = Vec::with_capacity(n);
         for i in 0..n {
             let dir = tempfile::Builder::new()
                 .prefix(&format!("{DIR_PREFIX}m{i}-"))
                 .tempdir_in(root)?;
             std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())?;
+            if let (Some(ca), Some(server)) = (&opts.tls, &server) {
+                let pems = [ca.cert_pem(), &server.cert_pem, &server.key_pem];
+                for (file, pem) in TLS_FILES.iter().zip(pems) {
+                    std::fs::write(dir.path().join(file), pem)?;
+                }
+            }
             members.push(Member {
                 name: format!("m{i}"),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                client_port: ports[per_member * i],
+                peer_port: ports[per_member * i + 1],
+                metrics_port: (per_member == 3).then(|| ports[per_member * i + 2]),
                 dir,
                 child: Mutex::new(None),
             });
@@ -1152,6 +1255,13 @@ impl Local {
             initial_cluster,
             extra_args: opts.extra_args.clone(),
             ready_timeout: opts.ready_timeout,
+            tls: match &opts.tls {
+                Some(ca) => Some(HarnessTls {
+                    ca_pem: ca.cert_pem().to_string(),
+                    client: ca.client_cert("etcd-coord-harness")?,
+                }),
+                None => None,
+            },
         };
         // On any error below, dropping `local` kills what was started.
         for i in 0..n {
@@ -1208,6 +1318,20 @@ impl Local {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(port) = m.metrics_port {
+            let file = |name: &str| m.dir.path().join(name).to_string_lossy().into_owned();
+            args.extend([
+                "--trusted-ca-file".to_string(),
+                file(TLS_FILES[0]),
+                "--cert-file".to_string(),
+                file(TLS_FILES[1]),
+                "--key-file".to_string(),
+                file(TLS_FILES[2]),
+                "--client-cert-auth".to_string(),
+                "--listen-metrics-urls".to_string(),
+                format!("http://127.0.0.1:{port}"),
+            ]);
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -1248,7 +1372,8 @@ impl Local {
     async fn wait_member_ready(&self, i: usize, until: Instant) -> io::Result<()> {
         let m = self.member(i)?;
         let client_url = m.client_url();
-        let authority = http_authority(&client_url)?;
+        let http_url = m.http_url();
+        let authority = http_authority(&http_url)?;
         let own_peer = format!("\"{}\"", m.peer_url());
         loop {
             self.ensure_running(m, "while starting")?;
@@ -1259,14 +1384,32 @@ impl Local {
                 () = wait_for_exit(m) => false,
             };
             if healthy {
-                let identity = http_request(
-                    authority,
-                    "POST",
-                    "/v3/cluster/member/list",
-                    b"{}",
-                    remaining(until).min(HTTP_TIMEOUT),
-                )
-                .await;
+                let identity = match &self.tls {
+                    // The JSON gateway is on the TLS port; ask over gRPC instead.
+                    Some(tls) => member_peer_urls(&client_url, tls.options())
+                        .await
+                        .map(|urls| (200, format!("{urls:?}").into_bytes())),
+                    None => {
+                        http_request(
+                            authority,
+                            "POST",
+                            "/v3/cluster/member/list",
+                            b"{}",
+                            remaining(until).min(HTTP_TIMEOUT),
+                        )
+                        .await
+                    }
+                };
+                // With auth enabled (a restarted member of a cluster whose test turned auth
+                // on), the member list needs a user; the running process is then ours.
+                let identity = match identity {
+                    Ok((_, body))
+                        if String::from_utf8_lossy(&body).contains("user name is empty") =>
+                    {
+                        Ok((200, own_peer.clone().into_bytes()))
+                    }
+                    other => other,
+                };
                 if let Ok((200, body)) = identity {
                     if !String::from_utf8_lossy(&body).contains(&own_peer) {
                         return Err(io::Error::new(
@@ -1801,11 +1944,41 @@ async fn wait_for_exit(m: &Member) {
     }
 }
 
-/// `(member_id, leader, raft_term)` of one member.
-async fn member_status(endpoint: &str) -> Result<(u64, u64, u64), String> {
+/// The peer URLs of every member, as listed by the member at `endpoint`.
+async fn member_peer_urls(endpoint: &str, tls: etcd_client::TlsOptions) -> io::Result<Vec<String>> {
     let options = etcd_client::ConnectOptions::new()
+        .with_tls(tls)
         .with_connect_timeout(Duration::from_secs(1))
         .with_timeout(Duration::from_secs(2));
+    let call = async {
+        let mut client = etcd_client::Client::connect([endpoint], Some(options)).await?;
+        client.member_list().await
+    };
+    match tokio::time::timeout(Duration::from_secs(3), call).await {
+        Ok(Ok(list)) => Ok(list
+            .members()
+            .iter()
+            .flat_map(|m| m.peer_urls().iter().cloned())
+            .collect()),
+        Ok(Err(e)) => Err(io::Error::other(e.to_string())),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "member list timed out",
+        )),
+    }
+}
+
+/// `(member_id, leader, raft_term)` of one member.
+async fn member_status(
+    endpoint: &str,
+    tls: Option<etcd_client::TlsOptions>,
+) -> Result<(u64, u64, u64), String> {
+    let mut options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_timeout(Duration::from_secs(2));
+    if let Some(tls) = tls {
+        options = options.with_tls(tls);
+    }
     let call = async {
         let mut client = etcd_client::Client::connect([endpoint], Some(options)).await?;
         client.status().await
