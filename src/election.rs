@@ -121,7 +121,7 @@ impl Election {
     /// ```
     pub fn new(session: &Session, name: impl Into<String>) -> Result<Election> {
         let observer = ElectionObserver::new(session.client().clone(), name)?
-            .request_timeout(session.request_timeout());
+            .request_timeout(session.request_timeout())?;
         Ok(Election {
             session: session.clone(),
             observer,
@@ -609,18 +609,27 @@ impl ElectionObserver {
         })
     }
 
-    /// Bounds each request sent by this observer. A zero duration is ignored.
+    /// Bounds each request sent by this observer (default
+    /// [`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `request_timeout` for a zero duration.
     ///
     /// ```no_run
-    /// # fn f(o: etcd_coord::ElectionObserver) {
-    /// let o = o.request_timeout(std::time::Duration::from_secs(2));
-    /// # }
+    /// # fn f(o: etcd_coord::ElectionObserver) -> etcd_coord::Result<()> {
+    /// let o = o.request_timeout(std::time::Duration::from_secs(2))?;
+    /// # Ok(()) }
     /// ```
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        if !timeout.is_zero() {
-            self.request_timeout = timeout;
+    pub fn request_timeout(mut self, timeout: Duration) -> Result<Self> {
+        if timeout.is_zero() {
+            return Err(Error::invalid(
+                "request_timeout",
+                "must be greater than zero",
+            ));
         }
-        self
+        self.request_timeout = timeout;
+        Ok(self)
     }
 
     /// The election's name.

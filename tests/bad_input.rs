@@ -185,6 +185,12 @@ async fn every_bad_argument_is_rejected_naming_it_before_anything_is_sent() {
             election.resume(format!("{name}-e/k"), 0),
         ),
         row(
+            "ElectionObserver with a zero request timeout",
+            "request_timeout",
+            now(ElectionObserver::new(client.clone(), "o")
+                .and_then(|o| o.request_timeout(Duration::ZERO))),
+        ),
+        row(
             "PrefixCache with an empty prefix",
             "prefix",
             PrefixCache::new(client.clone(), ""),

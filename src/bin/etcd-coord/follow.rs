@@ -17,7 +17,7 @@ pub async fn leaders(
     as_json: bool,
     signals: &mut Signals,
 ) -> Result<u8, Failure> {
-    let observer = Election::observer(client, name)?.request_timeout(timeout);
+    let observer = Election::observer(client, name)?.request_timeout(timeout)?;
     let mut events = observer.observe();
     loop {
         let event = tokio::select! {
