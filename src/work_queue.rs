@@ -39,6 +39,10 @@ pub const MAX_CLAIM_BATCH: usize = 64;
 /// Due delayed jobs moved into the queue per request.
 const PROMOTE_BATCH: i64 = 8;
 
+/// Jobs of a read that back up the picked ones in one claim request (see `chains`): more than
+/// the consumers that may claim from the same read at once, so that a claim rarely fails.
+const MAX_FALLBACKS: usize = 16;
+
 /// Reads in a row that may be spent following a change of the highest priority or a growing
 /// number of jobs in flight before settling for what was seen.
 const MAX_REREADS: usize = 8;
@@ -434,12 +438,17 @@ fn random_below(n: usize) -> usize {
 /// Consumers do not all race for the head job: each reads a batch of claimable jobs and picks
 /// one at random among the first `2 × jobs in flight + 1` (all of the batch after losing a
 /// race), so with `n` busy consumers claims spread over about `2n` jobs. (So the order is
-/// exact for a consumer that claims one job at a time alone, and approximate otherwise.) Idle consumers queue up in a
+/// exact for a consumer that claims one job at a time alone, and approximate otherwise.) The
+/// claim request carries the rest of the batch as fallbacks and takes the first job still free
+/// when etcd runs it, so a claim fails only when every job of its read was taken meanwhile,
+/// which a backlog makes rare however many consumers compete. Idle consumers queue up in a
 /// line (a [`Mutex`](crate::Mutex) named `NAME/idle`) and only the first watches the queue; a
 /// new job wakes one consumer, not all of them.
 ///
 /// What it costs, in requests per job: push 1; claim 1 plus the read it picked from; ack 1.
-/// That does not depend on the number of consumers (collisions add a fraction of a request).
+/// That does not depend on the number of consumers while jobs wait (collisions add a small
+/// fraction of a request); when consumers outnumber the jobs, those that find none spend a
+/// failed claim or a turn in the idle line.
 ///
 /// # Examples
 ///
@@ -699,7 +708,8 @@ impl WorkQueue {
                 if live.is_empty() {
                     continue;
                 }
-                match self.attempt(live).await? {
+                let chains = self.chains(live, &snap);
+                match self.attempt(chains).await? {
                     Attempt::Claimed(claims) => return Ok(claims),
                     Attempt::Lost(resp, bucket) => {
                         contended = true;
@@ -758,6 +768,28 @@ impl WorkQueue {
             .collect();
         picked.reverse();
         picked
+    }
+
+    /// Gives each picked candidate a chain of fallbacks: the claimable jobs left in the
+    /// snapshot, oldest first, dealt out in turn so that no job is in two chains. A claim takes
+    /// the first job of its chain that is still free when etcd runs it, so consumers that read
+    /// the same jobs and pick the same one do not lose the race (it would cost another
+    /// request): they get the next one instead.
+    fn chains(&self, picked: Vec<Candidate>, snap: &Snapshot) -> Vec<Vec<Candidate>> {
+        let max_attempts = self.inner.max_attempts;
+        let mut chains: Vec<Vec<Candidate>> = picked.into_iter().map(|c| vec![c]).collect();
+        let spares = snap
+            .candidates
+            .iter()
+            .filter(|c| c.meta.attempts < max_attempts)
+            .take(MAX_FALLBACKS);
+        let n = chains.len().max(1);
+        for (i, c) in spares.enumerate() {
+            if let Some(chain) = chains.get_mut(i % n) {
+                chain.push(c.clone());
+            }
+        }
+        chains
     }
 
     fn plan_from_hints(&self) -> Plan {
@@ -913,25 +945,28 @@ impl WorkQueue {
         Parsed::Ready(snap)
     }
 
-    /// One transaction for all of `cands`: for each, create the claim (bound to our lease) and
-    /// count the delivery if nobody claimed or changed the job since we read it, and read the
-    /// payload (a nested transaction each, so that each succeeds on its own); then read a
-    /// fresh snapshot, used if every one was lost.
-    async fn attempt(&self, cands: Vec<Candidate>) -> Result<Attempt> {
+    /// One transaction for all of `chains`: for each chain, create the claim (bound to our
+    /// lease) of its first job that nobody claimed or changed since we read it, count the
+    /// delivery and read the payload (nested transactions, each job's in the failure branch of
+    /// the one before, so that each chain succeeds on its own and takes at most one job); then
+    /// read a fresh snapshot, used if every chain was lost.
+    async fn attempt(&self, chains: Vec<Vec<Candidate>>) -> Result<Attempt> {
         let s = self.inner.clone();
         let session = s.session.clone();
         let lease = session.lease_id();
         let mut ops = Vec::new();
         let mut tags = Vec::new();
-        for c in &cands {
-            let claim_key = s.layout.claim(&c.id);
-            let tag = format!("{lease:x}_{:016x}", uuid::Uuid::new_v4().as_u128() as u64);
-            let meta = Meta {
-                attempts: c.meta.attempts.saturating_add(1),
-                ..c.meta
-            };
-            ops.push(TxnOp::txn(
-                Txn::new()
+        for chain in &chains {
+            let mut fallback: Option<TxnOp> = None;
+            let mut chain_tags = Vec::new();
+            for c in chain.iter().rev() {
+                let claim_key = s.layout.claim(&c.id);
+                let tag = format!("{lease:x}_{:016x}", uuid::Uuid::new_v4().as_u128() as u64);
+                let meta = Meta {
+                    attempts: c.meta.attempts.saturating_add(1),
+                    ..c.meta
+                };
+                let mut txn = Txn::new()
                     .when([
                         Compare::create_revision(claim_key.as_str(), CompareOp::Equal, 0),
                         Compare::mod_revision(c.key.as_str(), CompareOp::Equal, c.mod_rev),
@@ -944,9 +979,16 @@ impl WorkQueue {
                         ),
                         TxnOp::put(c.key.as_str(), meta.encode(), None),
                         TxnOp::get(s.layout.data(&c.id), None),
-                    ]),
-            ));
-            tags.push((claim_key, tag));
+                    ]);
+                if let Some(next) = fallback.take() {
+                    txn = txn.or_else([next]);
+                }
+                fallback = Some(TxnOp::txn(txn));
+                chain_tags.push((claim_key, tag));
+            }
+            chain_tags.reverse();
+            ops.extend(fallback);
+            tags.push(chain_tags);
         }
         let plan = self.plan_from_hints();
         ops.extend(plan.ops);
@@ -959,48 +1001,58 @@ impl WorkQueue {
                 Ok(answer) => answer,
                 Err(e) => {
                     // Claims may have committed: find out in the background and undo them.
-                    for (key, tag) in tags {
+                    for (key, tag) in tags.into_iter().flatten() {
                         release_unknown_claim(&session, key, tag);
                     }
                     return Err(e);
                 }
             };
             let mut claims = Vec::new();
-            for ((c, (claim_key, _)), r) in cands.into_iter().zip(tags).zip(resp.op_responses()) {
-                let TxnOpResponse::Txn(inner) = r else { continue };
-                if !inner.succeeded() {
-                    tracing::debug!(queue = %s.name, id = %c.id, "job claimed by someone else");
-                    continue;
+            for ((chain, chain_tags), r) in chains.into_iter().zip(tags).zip(resp.op_responses()) {
+                let mut level = r;
+                for (c, (claim_key, _)) in chain.into_iter().zip(chain_tags) {
+                    let TxnOpResponse::Txn(inner) = level else { break };
+                    if !inner.succeeded() {
+                        tracing::debug!(queue = %s.name, id = %c.id, "job claimed by someone else");
+                        match inner.op_responses().into_iter().next() {
+                            Some(next) => {
+                                level = next;
+                                continue;
+                            }
+                            None => break,
+                        }
+                    }
+                    let payload = wait::gets(&inner)
+                        .first()
+                        .and_then(|g| g.kvs().first())
+                        .map(|kv| kv.value().to_vec());
+                    if payload.is_none() {
+                        tracing::warn!(queue = %s.name, id = %c.id, "job has no payload; delivering it empty");
+                    }
+                    let meta = Meta {
+                        attempts: c.meta.attempts.saturating_add(1),
+                        ..c.meta
+                    };
+                    tracing::debug!(
+                        queue = %s.name, id = %c.id, key = %claim_key, token, attempt = meta.attempts,
+                        "job claimed"
+                    );
+                    claims.push(Claim {
+                        job: Job {
+                            session: session.clone(),
+                            id: c.id,
+                            payload: payload.unwrap_or_default().into(),
+                            attempt: meta.attempts,
+                            claim_key,
+                            token,
+                        },
+                        queue: s.clone(),
+                        job_key: c.key,
+                        meta,
+                        done: false,
+                    });
+                    break;
                 }
-                let payload = wait::gets(&inner)
-                    .first()
-                    .and_then(|g| g.kvs().first())
-                    .map(|kv| kv.value().to_vec());
-                if payload.is_none() {
-                    tracing::warn!(queue = %s.name, id = %c.id, "job has no payload; delivering it empty");
-                }
-                let meta = Meta {
-                    attempts: c.meta.attempts.saturating_add(1),
-                    ..c.meta
-                };
-                tracing::debug!(
-                    queue = %s.name, id = %c.id, key = %claim_key, token, attempt = meta.attempts,
-                    "job claimed"
-                );
-                claims.push(Claim {
-                    job: Job {
-                        session: session.clone(),
-                        id: c.id,
-                        payload: payload.unwrap_or_default().into(),
-                        attempt: meta.attempts,
-                        claim_key,
-                        token,
-                    },
-                    queue: s.clone(),
-                    job_key: c.key,
-                    meta,
-                    done: false,
-                });
             }
             if claims.is_empty() {
                 return Ok(Attempt::Lost(resp, bucket));

@@ -560,7 +560,12 @@ async fn requests_per_job_do_not_grow_with_the_number_of_consumers() {
     let one = cost_per_job(&etcd, &client, 1, 200, true).await;
     let eight = cost_per_job(&etcd, &client, 8, 200, true).await;
     assert!(one <= 4.2, "push 1 + read 1 + claim 1 + ack 1: {one:.2}");
-    assert!(eight <= one + 1.0, "1 consumer: {one:.2}, 8: {eight:.2}");
+    // A claim falls back on the other jobs of its read, so competing consumers with a backlog
+    // almost never spend a failed claim.
+    assert!(
+        eight <= one * 1.05,
+        "within 5%: 1 consumer: {one:.2}, 8: {eight:.2}"
+    );
 
     // Jobs trickling in to idle consumers: only the head of the idle line reacts, so a job
     // does not wake everyone. From two consumers on, handing the line over costs a constant
