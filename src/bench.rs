@@ -74,7 +74,7 @@ Runs the named workloads (all of them, with their defaults, when none is named) 
 ETCD_ENDPOINTS if set, otherwise against a single-member etcd started for the run.
 
 workloads and parameters [defaults]:
-  mutex-uncontended  --ops [500]                           lock+unlock by one session
+  mutex-uncontended  --ops [2000]                          lock+unlock by one session
   try-lock-fail      --ops [200]                           try_lock on a held mutex
   mutex-contended    --contenders [8] --ops [400]          sessions looping lock -> unlock
   election-handoff   --candidates [4] --rounds [50]        leader resigns; next one leads
@@ -324,7 +324,7 @@ impl Workload {
         let mut p = Params::new(name, given);
         let w = match name {
             "mutex-uncontended" => Workload::MutexUncontended {
-                ops: p.count("ops", 500, 1_000_000)?,
+                ops: p.count("ops", 2000, 1_000_000)?,
             },
             "try-lock-fail" => Workload::TryLockFail {
                 ops: p.count("ops", 200, 1_000_000)?,
