@@ -58,17 +58,6 @@ async fn watchers(etcd: &EtcdCluster) -> f64 {
         .counter("etcd_debugging_mvcc_watcher_total")
 }
 
-/// Requests handled by the server while `f` runs, by method.
-async fn requests<F: std::future::Future<Output = T>, T>(
-    etcd: &EtcdCluster,
-    f: F,
-) -> (T, etcd_coord::testing::Metrics) {
-    let before = etcd.metrics(0).await.unwrap();
-    let out = f.await;
-    let after = etcd.metrics(0).await.unwrap();
-    (out, after.since(&before))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Barrier
 // ---------------------------------------------------------------------------------------------

@@ -231,17 +231,6 @@ async fn unlock_after_loss_reports_it_and_spares_the_new_holder() {
     g2.unlock().await.unwrap();
 }
 
-/// Requests handled by the server while `f` runs, by method.
-async fn requests<F: std::future::Future<Output = T>, T>(
-    etcd: &EtcdCluster,
-    f: F,
-) -> (T, etcd_coord::testing::Metrics) {
-    let before = etcd.metrics(0).await.unwrap();
-    let out = f.await;
-    let after = etcd.metrics(0).await.unwrap();
-    (out, after.since(&before))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_per_operation_match_the_cost_model() {
     let (etcd, client) = single().await;

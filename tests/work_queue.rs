@@ -456,14 +456,6 @@ async fn a_dropped_claim_takes_nothing() {
     assert_eq!(q.stats().await.unwrap(), stats(0, 0, 0, 0));
 }
 
-/// Requests handled by the server while `f` runs.
-async fn requests<F: std::future::Future<Output = T>, T>(etcd: &EtcdCluster, f: F) -> (T, Metrics) {
-    let before = etcd.metrics(0).await.unwrap();
-    let out = f.await;
-    let after = etcd.metrics(0).await.unwrap();
-    (out, after.since(&before))
-}
-
 /// KV requests per job, end to end, with `consumers` consumers that claim and ack one job at a
 /// time. With `backlog`, all jobs are pushed first and the consumers start after (their start
 /// is counted). Without, the consumers first go idle (not counted), then the jobs arrive one at

@@ -106,3 +106,14 @@ pub fn skip_unless_local(cluster: &EtcdCluster, test: &str) -> bool {
         }
     }
 }
+
+/// Requests handled by member 0 while `f` runs, by method.
+pub async fn requests<F: Future<Output = T>, T>(
+    etcd: &EtcdCluster,
+    f: F,
+) -> (T, etcd_coord::testing::Metrics) {
+    let before = etcd.metrics(0).await.unwrap();
+    let out = f.await;
+    let after = etcd.metrics(0).await.unwrap();
+    (out, after.since(&before))
+}
