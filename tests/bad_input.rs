@@ -445,11 +445,7 @@ async fn a_leaseless_foreign_key_under_a_mutex_blocks_like_a_holder_until_it_is_
         let mutex = mutex.clone();
         async move { mutex.lock().await }
     });
-    eventually(Duration::from_secs(5), "waiter queued", || {
-        let (c, p) = (client.clone(), prefix.clone());
-        async move { keys(&c, &p).await.len() == 2 }
-    })
-    .await;
+    key_count_becomes(&client, &prefix, 2, Duration::from_secs(5), "waiter queued").await;
     // A second foreign key, younger than our waiter, does not stand in its way.
     put_foreign(&client, odd.clone(), "late").await;
     assert!(!waiting.is_finished());
@@ -489,10 +485,13 @@ async fn another_primitives_keys_under_the_same_name_exclude_like_any_holder() {
             other => panic!("expected a conflict, got {other:?}"),
         }
     }
-    eventually(Duration::from_secs(5), "no waiter key left", || {
-        let (c, p) = (client.clone(), format!("{sem_name}/"));
-        async move { keys(&c, &p).await.is_empty() }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{sem_name}/"),
+        0,
+        Duration::from_secs(5),
+        "no waiter key left",
+    )
     .await;
 }
 
@@ -517,10 +516,13 @@ async fn garbage_under_an_election_prefix_is_reported_as_the_leaders_value() {
     let s = session(&client, 10).await;
     let election = Election::new(&s, name.clone()).unwrap();
     let campaign = tokio::spawn(async move { election.campaign("real").await });
-    eventually(Duration::from_secs(5), "candidate queued", || {
-        let (c, p) = (client.clone(), format!("{name}/"));
-        async move { keys(&c, &p).await.len() == 2 }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{name}/"),
+        2,
+        Duration::from_secs(5),
+        "candidate queued",
+    )
     .await;
     assert!(!campaign.is_finished());
     client.clone().delete(foreign.as_str(), None).await.unwrap();

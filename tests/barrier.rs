@@ -476,10 +476,13 @@ async fn first_member_revoked_while_the_others_leave_does_not_block_them() {
         leaving.push(tokio::spawn(async move { (round.leave().await, s) }));
     }
     // The others have deleted their keys and now watch the first member's.
-    eventually(Duration::from_secs(5), "the others left", || {
-        let (c, p) = (client.clone(), format!("{name}/0/"));
-        async move { keys(&c, &p).await.len() == 1 }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{name}/0/"),
+        1,
+        Duration::from_secs(5),
+        "the others left",
+    )
     .await;
     assert!(leaving.iter().all(|l| !l.is_finished()));
     client
@@ -541,11 +544,7 @@ async fn participant_revoked_before_the_round_fills_is_not_counted() {
     let doomed_session = session(&client, 10).await;
     let doomed_lease = doomed_session.lease_id();
     let doomed = enter(doomed_session);
-    eventually(Duration::from_secs(5), "two waiting", || {
-        let (c, p) = (client.clone(), prefix.clone());
-        async move { keys(&c, &p).await.len() == 2 }
-    })
-    .await;
+    key_count_becomes(&client, &prefix, 2, Duration::from_secs(5), "two waiting").await;
     client.clone().lease_revoke(doomed_lease).await.unwrap();
     let (r, _s) = within(Duration::from_secs(5), "doomed enter fails", doomed)
         .await
@@ -599,11 +598,7 @@ async fn cancelled_enters_and_leaves_leave_no_keys_behind() {
         );
         assert!(x.is_err() && y.is_err(), "two of three never enter");
     }
-    eventually(Duration::from_secs(10), "no keys left", || {
-        let (c, p) = (client.clone(), prefix.clone());
-        async move { keys(&c, &p).await.is_empty() }
-    })
-    .await;
+    key_count_becomes(&client, &prefix, 0, Duration::from_secs(10), "no keys left").await;
 
     // The cancelled ones were not counted: three fresh participants fill round 0.
     let mut rounds = full_round(&client, &name, 3).await;

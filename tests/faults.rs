@@ -239,10 +239,13 @@ async fn check(work: &Contention, etcd: &EtcdCluster, may_expire: bool) {
     if !may_expire {
         assert_eq!(tally.expired.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
-    eventually(Duration::from_secs(15), "no stray lock keys", || {
-        let (c, p) = (client.clone(), format!("{}/", work.mutex));
-        async move { keys(&c, &p).await.is_empty() }
-    })
+    key_count_becomes(
+        client,
+        &format!("{}/", work.mutex),
+        0,
+        Duration::from_secs(15),
+        "no stray lock keys",
+    )
     .await;
 }
 
@@ -387,10 +390,13 @@ async fn a_rolling_restart_keeps_sessions_locks_leaders_and_every_job() {
         // The release goes on in the background.
         assert!(e.is_retryable(), "{e:?}");
     }
-    eventually(Duration::from_secs(10), "held lock released", || {
-        let (c, p) = (client.clone(), format!("{name}-held/"));
-        async move { keys(&c, &p).await.is_empty() }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{name}-held/"),
+        0,
+        Duration::from_secs(10),
+        "held lock released",
+    )
     .await;
 }
 

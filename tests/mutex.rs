@@ -83,10 +83,13 @@ async fn holder_whose_lease_is_revoked_cannot_commit_and_the_next_token_is_large
         let m = Mutex::new(&s2, name.clone()).unwrap();
         tokio::spawn(async move { m.lock().await })
     };
-    eventually(Duration::from_secs(5), "waiter queued", || {
-        let (c, p) = (client.clone(), format!("{name}/"));
-        async move { keys(&c, &p).await.len() == 2 }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{name}/"),
+        2,
+        Duration::from_secs(5),
+        "waiter queued",
+    )
     .await;
     // Mid-section, the holder's lease goes (as if it had paused past its TTL).
     client.clone().lease_revoke(s1.lease_id()).await.unwrap();
@@ -130,10 +133,13 @@ async fn waiter_whose_session_is_revoked_fails_and_leaves_no_key() {
     let doomed = session(&client, 10).await;
     let m = Mutex::new(&doomed, name.clone()).unwrap();
     let waiting = tokio::spawn(async move { m.lock().await });
-    eventually(Duration::from_secs(5), "waiter queued", || {
-        let (c, p) = (client.clone(), format!("{name}/"));
-        async move { keys(&c, &p).await.len() == 2 }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{name}/"),
+        2,
+        Duration::from_secs(5),
+        "waiter queued",
+    )
     .await;
     client
         .clone()
@@ -192,10 +198,13 @@ async fn dropped_lock_futures_leave_no_stray_keys() {
         );
     }
     guard.unlock().await.unwrap();
-    eventually(Duration::from_secs(15), "no stray keys", || {
-        let (c, p) = (client.clone(), prefix.clone());
-        async move { keys(&c, &p).await.is_empty() }
-    })
+    key_count_becomes(
+        &client,
+        &prefix,
+        0,
+        Duration::from_secs(15),
+        "no stray keys",
+    )
     .await;
     let again = within(
         Duration::from_secs(2),
@@ -310,10 +319,13 @@ async fn compaction_to_the_current_revision_does_not_break_waiters() {
             drop(s);
         });
     }
-    eventually(Duration::from_secs(5), "five waiters queued", || {
-        let (c, p) = (client.clone(), format!("{name}/"));
-        async move { keys(&c, &p).await.len() == 6 }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{name}/"),
+        6,
+        Duration::from_secs(5),
+        "five waiters queued",
+    )
     .await;
     let rev = client
         .clone()
@@ -358,10 +370,13 @@ async fn waiting_survives_a_server_restart() {
     let waiter_session = session(&client, 15).await;
     let m = Mutex::new(&waiter_session, name.clone()).unwrap();
     let waiting = tokio::spawn(async move { m.lock().await });
-    eventually(Duration::from_secs(5), "waiter queued", || {
-        let (c, p) = (client.clone(), format!("{name}/"));
-        async move { keys(&c, &p).await.len() == 2 }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{name}/"),
+        2,
+        Duration::from_secs(5),
+        "waiter queued",
+    )
     .await;
     etcd.stop(0).await.unwrap();
     etcd.restart(0).await.unwrap();
@@ -446,10 +461,13 @@ async fn etcdctl_lock_and_the_rust_mutex_exclude_each_other() {
     let guard = mutex.lock().await.unwrap();
     let log1 = dir.path().join("first");
     let mut ctl = etcdctl_lock(&etcd, &name, &log1);
-    eventually(Duration::from_secs(10), "etcdctl queued", || {
-        let (c, p) = (client.clone(), prefix.clone());
-        async move { keys(&c, &p).await.len() == 2 }
-    })
+    key_count_becomes(
+        &client,
+        &prefix,
+        2,
+        Duration::from_secs(10),
+        "etcdctl queued",
+    )
     .await;
     // Hold a little longer so an etcdctl that ignored us would have started its command.
     let rust_until = {

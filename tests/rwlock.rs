@@ -98,10 +98,13 @@ async fn stress_with_cancellations_and_revocations_never_mixes_a_writer_with_any
     eprintln!("{entered} critical sections entered");
     assert!(entered > 100, "the stress made progress: {entered}");
     assert_eq!(violations.load(Ordering::Relaxed), 0);
-    eventually(Duration::from_secs(15), "no stray keys", || {
-        let (c, p) = (client.clone(), format!("{name}/"));
-        async move { keys(&c, &p).await.is_empty() }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{name}/"),
+        0,
+        Duration::from_secs(15),
+        "no stray keys",
+    )
     .await;
     for s in sessions {
         s.close().await.unwrap();
@@ -173,19 +176,25 @@ async fn waiting_writer_whose_lease_dies_never_acquires() {
         let l = RwLock::new(&s1, name.clone()).unwrap();
         tokio::spawn(async move { l.write().await })
     };
-    eventually(Duration::from_secs(5), "first writer queued", || {
-        let (c, p) = (client.clone(), prefix.clone());
-        async move { keys(&c, &p).await.len() == 2 }
-    })
+    key_count_becomes(
+        &client,
+        &prefix,
+        2,
+        Duration::from_secs(5),
+        "first writer queued",
+    )
     .await;
     let w2 = {
         let l = RwLock::new(&s2, name.clone()).unwrap();
         tokio::spawn(async move { l.write().await })
     };
-    eventually(Duration::from_secs(5), "second writer queued", || {
-        let (c, p) = (client.clone(), prefix.clone());
-        async move { keys(&c, &p).await.len() == 3 }
-    })
+    key_count_becomes(
+        &client,
+        &prefix,
+        3,
+        Duration::from_secs(5),
+        "second writer queued",
+    )
     .await;
     client.clone().lease_revoke(s1.lease_id()).await.unwrap();
     let first = within(Duration::from_secs(10), "dead writer returns", w1)

@@ -94,10 +94,13 @@ async fn stress_never_admits_more_than_n_holders() {
         "more than {permits} holders"
     );
     assert!(most <= permits);
-    eventually(Duration::from_secs(15), "no stray keys", || {
-        let (c, p) = (client.clone(), format!("{name}/"));
-        async move { keys(&c, &p).await.is_empty() }
-    })
+    key_count_becomes(
+        &client,
+        &format!("{name}/"),
+        0,
+        Duration::from_secs(15),
+        "no stray keys",
+    )
     .await;
     for s in sessions {
         s.close().await.unwrap();
@@ -188,10 +191,13 @@ async fn waiters_are_let_in_as_permits_free_up_in_any_order() {
         let sem = sem.clone();
         waiters.push(tokio::spawn(async move { sem.acquire().await.unwrap() }));
         let n = waiters.len() + 2;
-        eventually(Duration::from_secs(5), "queued", || {
-            let (c, p) = (client.clone(), format!("{name}/"));
-            async move { keys(&c, &p).await.len() == n }
-        })
+        key_count_becomes(
+            &client,
+            &format!("{name}/"),
+            n,
+            Duration::from_secs(5),
+            "queued",
+        )
         .await;
     }
     // The newer holder leaves first: the oldest waiter must notice though it was not the key

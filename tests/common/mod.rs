@@ -96,6 +96,20 @@ pub async fn keys(client: &Client, prefix: &str) -> Vec<String> {
     .collect()
 }
 
+/// Waits until exactly `n` keys are under `prefix`; panics with `what` after `deadline`.
+pub async fn key_count_becomes(
+    client: &Client,
+    prefix: &str,
+    n: usize,
+    deadline: Duration,
+    what: &str,
+) {
+    eventually(deadline, what, || async {
+        keys(client, prefix).await.len() == n
+    })
+    .await;
+}
+
 /// Skips (returns true and says why) when the cluster is not started by this process.
 pub fn skip_unless_local(cluster: &EtcdCluster, test: &str) -> bool {
     match cluster.require_local() {
